@@ -1,0 +1,319 @@
+//! NATS as every service uses it: connecting with a clear error, the two JetStream streams,
+//! durable pull consumers and the loop that feeds them to a handler in batches, and JSON
+//! request/reply carrying the trace context.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, HeaderMap};
+use chat_proto::envelope::Reply;
+use chat_proto::{ErrorBody, Subjects};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry;
+
+/// How long JetStream remembers a `Nats-Msg-Id`: a `send` retried within this window gets the
+/// first message's id back without a store round trip; the store's unique key on
+/// (sender, client_id) keeps later retries from making a second row.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("JetStream stream {name}: {message}")]
+    Stream { name: String, message: String },
+    #[error("JetStream consumer {name}: {message}")]
+    Consumer { name: String, message: String },
+}
+
+/// Connects, failing at once (not retrying) when the server does not answer, so a service
+/// started against a wrong URL says so in one line. After the first connection the client
+/// reconnects by itself for ever.
+pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|source| Error::Connect {
+            url: url.to_owned(),
+            source,
+        })
+}
+
+/// Creates the in and store streams if missing (file storage, work-queue retention, message
+/// de-duplication) and checks that an existing one has the settings the design relies on.
+/// Every service calls it at start, so the order services start in does not matter.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<(stream::Stream, stream::Stream), Error> {
+    let inbound = ensure_stream(js, subjects.in_stream(), subjects.inbound()).await?;
+    let store = ensure_stream(js, subjects.store_stream(), subjects.store_all()).await?;
+    Ok((inbound, store))
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    name: String,
+    subject: String,
+) -> Result<stream::Stream, Error> {
+    let wanted = stream::Config {
+        name: name.clone(),
+        subjects: vec![subject],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::WorkQueue,
+        duplicate_window: DEDUP_WINDOW,
+        ..Default::default()
+    };
+    let fail = |message: String| Error::Stream {
+        name: name.clone(),
+        message,
+    };
+    let mut stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let info = stream.info().await.map_err(|e| fail(e.to_string()))?;
+    let got = &info.config;
+    if got.subjects != wanted.subjects
+        || got.storage != wanted.storage
+        || got.retention != wanted.retention
+    {
+        return Err(fail(format!(
+            "exists with subjects {:?}, {:?} storage, {:?} retention; expected {:?}, file, work queue",
+            got.subjects, got.storage, got.retention, wanted.subjects
+        )));
+    }
+    Ok(stream)
+}
+
+/// Creates (or binds to) a durable pull consumer: every replica of a service binds the same
+/// one, so replicas share the work.
+pub async fn durable_consumer(
+    stream: &stream::Stream,
+    durable: &str,
+    ack_wait: Duration,
+) -> Result<consumer::PullConsumer, Error> {
+    let config = consumer::pull::Config {
+        durable_name: Some(durable.to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(durable, config)
+        .await
+        .map_err(|e| Error::Consumer {
+            name: durable.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+/// Feeds `handle` with batches of whatever messages are ready (up to `batch`) until `cancel`
+/// fires, then returns after the batch in hand is handled. The handler acks, naks or
+/// terminates each message itself. Broken pulls (NATS restarting, the consumer missing for a
+/// moment) are logged and retried: this loop only ends on cancellation.
+pub async fn consume<F, Fut>(
+    consumer: consumer::PullConsumer,
+    batch: usize,
+    cancel: CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(Vec<jetstream::Message>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut chunks = match messages {
+            Ok(m) => m.ready_chunks(batch),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull from JetStream; retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => return,
+                next = chunks.next() => next,
+            };
+            let Some(items) = next else { break };
+            let mut ready = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Ok(m) => ready.push(m),
+                    Err(e) => tracing::warn!(error = %e, "JetStream pull interrupted"),
+                }
+            }
+            if !ready.is_empty() {
+                backoff = Duration::from_millis(100);
+                handle(ready).await;
+            }
+        }
+    }
+}
+
+/// Handles each message of `sub` with `handle`, up to `concurrency` at once, until `cancel`
+/// fires; then unsubscribes and waits for the handlers in flight.
+pub async fn serve<F, Fut>(
+    mut sub: async_nats::Subscriber,
+    concurrency: usize,
+    cancel: CancellationToken,
+    handle: F,
+) where
+    F: Fn(async_nats::Message) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let msg = tokio::select! {
+            () = cancel.cancelled() => break,
+            msg = sub.next() => match msg {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let work = handle(msg);
+        tasks.spawn(async move {
+            work.await;
+            drop(permit);
+        });
+    }
+    let _ = sub.unsubscribe().await;
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Why a request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The service answered with an error of the protocol: pass it on.
+    #[error("{}: {}", .0.code, .0.message)]
+    Remote(ErrorBody),
+    #[error("no {0} is running")]
+    NoResponders(&'static str),
+    #[error("{0} did not answer in time")]
+    Timeout(&'static str),
+    #[error("request to {service}: {message}")]
+    Other {
+        service: &'static str,
+        message: String,
+    },
+}
+
+/// Sends `req` as JSON with the current trace context and decodes the `Reply`.
+/// `service` names the answering service in errors.
+pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+    client: &Client,
+    service: &'static str,
+    subject: String,
+    req: &Req,
+    timeout: Duration,
+) -> Result<Resp, RequestError> {
+    let payload = serde_json::to_vec(req).map_err(|e| RequestError::Other {
+        service,
+        message: e.to_string(),
+    })?;
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .headers(telemetry::headers())
+        .timeout(Some(timeout));
+    let answer = client
+        .send_request(subject, request)
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => RequestError::NoResponders(service),
+            async_nats::RequestErrorKind::TimedOut => RequestError::Timeout(service),
+            _ => RequestError::Other {
+                service,
+                message: e.to_string(),
+            },
+        })?;
+    let reply: Reply<Resp> =
+        serde_json::from_slice(&answer.payload).map_err(|e| RequestError::Other {
+            service,
+            message: format!("undecodable reply: {e}"),
+        })?;
+    reply.into_result().map_err(RequestError::Remote)
+}
+
+/// Answers a request with `reply` as JSON. A request without a reply subject is ignored.
+pub async fn respond<T: Serialize>(client: &Client, reply_to: Option<&str>, reply: &Reply<T>) {
+    let Some(reply_to) = reply_to else { return };
+    match serde_json::to_vec(reply) {
+        Ok(bytes) => {
+            if let Err(e) = client.publish(reply_to.to_owned(), bytes.into()).await {
+                tracing::warn!(error = %e, "cannot send a reply");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot encode a reply"),
+    }
+}
+
+/// Publishes `value` as JSON on core NATS with the current trace context (fire and forget:
+/// for events whose loss the design tolerates, such as live pushes and typing).
+pub async fn publish_json<T: Serialize>(client: &Client, subject: String, value: &T) {
+    let bytes = match serde_json::to_vec(value) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an event");
+            return;
+        }
+    };
+    if let Err(e) = client
+        .publish_with_headers(subject, telemetry::headers(), bytes.into())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Takes a stream message that can never be processed out of the way: logs it, copies its
+/// payload to `dead_letter` (a subject an operator can watch or capture into a stream), and
+/// terminates it so that JetStream does not redeliver it.
+pub async fn dead_letter(
+    client: &Client,
+    dead_letter: String,
+    msg: &jetstream::Message,
+    reason: &str,
+) {
+    tracing::error!(subject = %msg.subject, bytes = msg.payload.len(), reason, "undecodable stream message; dead-lettered");
+    if let Err(e) = client.publish(dead_letter, msg.payload.clone()).await {
+        tracing::warn!(error = %e, "cannot publish to the dead-letter subject");
+    }
+    if let Err(e) = msg.ack_with(jetstream::AckKind::Term).await {
+        tracing::warn!(error = %e, "cannot terminate a message");
+    }
+}
+
+/// Headers for a JetStream publish: trace context plus the de-duplication id.
+pub fn dedup_headers(msg_id: &str) -> HeaderMap {
+    let mut h = telemetry::headers();
+    h.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    h
+}

@@ -1,0 +1,87 @@
+//! Logging and trace context.
+//!
+//! `tracing` is the one instrumentation API. An OpenTelemetry layer gives every span a W3C
+//! trace and span id, so [`inject`] can put the current span's `traceparent` into NATS
+//! headers and [`extract`] can make the receiving service's span its child: one trace per
+//! message across gateway, router and store.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps the tracer provider alive; dropping it flushes and shuts it down.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Installs the global subscriber: `RUST_LOG` filtering (default `info`), human-readable logs
+/// on stderr, and the OpenTelemetry layer. Call once, first thing in `main`.
+pub fn init(service: &'static str) -> TelemetryGuard {
+    let provider = SdkTracerProvider::builder().build();
+    let tracer = provider.tracer(service);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init();
+    TelemetryGuard { provider }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes the current span's `traceparent` (and `tracestate`) into `headers`.
+pub fn inject(headers: &mut HeaderMap) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// Headers holding only the current span's trace context.
+pub fn headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    inject(&mut h);
+    h
+}
+
+/// Makes `span` a child of the trace context in `headers`, when they carry one.
+pub fn extract(headers: Option<&HeaderMap>, span: &tracing::Span) {
+    if let Some(h) = headers {
+        let cx = TraceContextPropagator::new().extract(&HeaderExtractor(h));
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The `traceparent` value of headers, if any (for tests and logs).
+pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers.get("traceparent").map(|v| v.as_str())
+}

@@ -1,0 +1,199 @@
+//! The gateway: the HTTP API and WebSocket edge.
+//!
+//! It checks tokens, publishes what users send to the in stream (answering `sent` once
+//! JetStream holds it), pushes each connected user's events from NATS to their sockets, and
+//! replays the backlog on connect. It holds no data of its own beyond its connections: the
+//! store answers the API, the router answers presence. See `docs/architecture.md`.
+
+mod api;
+mod auth;
+mod backend;
+mod config;
+mod error;
+mod ids;
+mod send;
+mod sessions;
+mod settle;
+mod ws;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::Router;
+use axum::routing::{get, post};
+use chat_proto::{Subjects, UserId};
+use chat_runtime::nats;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::trace::TraceLayer;
+
+pub use config::{Config, DEV_JWT_SECRET};
+pub use error::ApiError;
+
+use auth::Tokens;
+use ids::MsgIds;
+
+/// How long shutdown waits for sockets to close before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nats(#[from] chat_runtime::nats::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Shared by every handler and connection; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Inner>);
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+pub(crate) struct Inner {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    /// The in stream, to read back the first message of a retried `client_id` and to see
+    /// how far the router has got.
+    in_stream: jetstream::stream::Stream,
+    /// The store stream, to see how far the store has got.
+    store_stream: jetstream::stream::Stream,
+    subjects: Subjects,
+    config: Config,
+    tokens: Tokens,
+    ids: MsgIds,
+    /// Identifies this process in heartbeats.
+    gateway_id: String,
+    /// User ids known to exist (see `backend.rs`).
+    known_users: Mutex<HashSet<UserId>>,
+    /// Live sessions on this gateway: session id → user. A std mutex: held for map
+    /// operations only, never across an await.
+    sessions: Mutex<HashMap<String, UserId>>,
+    /// Fires on shutdown: every connection closes with 1001.
+    cancel: CancellationToken,
+    /// One token per open socket, so shutdown can wait for them.
+    connections: TaskTracker,
+}
+
+/// A gateway with its listener bound, not yet serving.
+pub struct App {
+    state: AppState,
+    listener: tokio::net::TcpListener,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, Error> {
+        if config.jwt_secret == DEV_JWT_SECRET {
+            tracing::warn!(
+                "CHAT_JWT_SECRET is not set: tokens are signed with a development key anyone can read. Set it in production."
+            );
+        }
+        let subjects = config.common.namespace.clone();
+        let client = nats::connect(&config.common.nats_url, "chat-gateway").await?;
+        let js = jetstream::new(client.clone());
+        let (in_stream, store_stream) = nats::ensure_streams(&js, &subjects).await?;
+        let listener = tokio::net::TcpListener::bind(&config.http_addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.http_addr.clone(),
+                source,
+            })?;
+        let tokens = Tokens::new(&config.jwt_secret, config.token_ttl);
+        let state = AppState(Arc::new(Inner {
+            nats: client,
+            js,
+            in_stream,
+            store_stream,
+            subjects,
+            tokens,
+            ids: MsgIds::default(),
+            gateway_id: uuid::Uuid::new_v4().to_string(),
+            known_users: Mutex::new(HashSet::new()),
+            sessions: Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            config,
+        }));
+        Ok(App { state, listener })
+    }
+
+    /// Where the server listens (the real port when the config asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, closes every socket with 1001
+    /// (removing its session), and returns once they are closed or the grace period is over.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let state = self.state;
+        let routes = Router::new()
+            .route("/api/v1/register", post(api::register))
+            .route("/api/v1/login", post(api::login))
+            .route("/api/v1/me", get(api::me))
+            .route("/api/v1/users", get(api::users))
+            .route("/api/v1/conversations", get(api::conversations))
+            .route(
+                "/api/v1/conversations/{peer_id}/messages",
+                get(api::history),
+            )
+            .route("/ws", get(ws::upgrade))
+            .route("/healthz", get(api::healthz))
+            .route("/readyz", get(api::readyz))
+            .route("/metrics", get(api::metrics))
+            .layer(TraceLayer::new_for_http())
+            .with_state(state.clone());
+        let every = (state.config.presence_ttl / 3).max(Duration::from_millis(100));
+        let beat = tokio::spawn(sessions::heartbeat(
+            state.clone(),
+            every,
+            state.cancel.clone(),
+        ));
+        let cancel = state.cancel.clone();
+        let stopping = async move {
+            shutdown.await;
+            cancel.cancel();
+        };
+        if let Err(e) = axum::serve(self.listener, routes)
+            .with_graceful_shutdown(stopping)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+        state.cancel.cancel();
+        state.connections.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, state.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sockets still open after the grace period");
+        }
+        let _ = beat.await;
+        let _ = state.nats.flush().await;
+    }
+}
+
+/// Builds and runs a gateway until `shutdown`, printing where it listens.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let app = App::build(config).await?;
+    tracing::info!(addr = %app.local_addr(), "gateway listening");
+    app.run_until(shutdown).await;
+    Ok(())
+}

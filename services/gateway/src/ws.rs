@@ -1,0 +1,464 @@
+//! WebSocket sessions (`GET /ws`).
+//!
+//! A connection is three tasks: a writer that owns the socket's sink and drains a bounded
+//! queue of outbound frames; a sender that publishes what the client sends, in order, and
+//! answers `sent` as JetStream confirms (see [`crate::send`]); and the connection loop here,
+//! which reads the client's frames, receives the user's events from NATS and replays the
+//! backlog. Connecting follows DESIGN.md's order (subscribe and flush, announce the session,
+//! then query the backlog), which is why no message falls between the backlog and live
+//! delivery.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chat_proto::envelope::{Backlog, Page};
+use chat_proto::frame::{ClientFrame, ServerFrame, parse_client_frame};
+use chat_proto::limits::{BACKLOG_PAGE, MAX_FRAME_BYTES};
+use chat_proto::{ErrorCode, StoreOp, UserId};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::bearer;
+use crate::error::ApiError;
+use crate::ids::RecentIds;
+use crate::send::{self, Outgoing};
+
+/// The server pings this often ...
+const PING_EVERY: Duration = Duration::from_secs(25);
+/// ... and drops a client it has heard nothing from for this long.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+/// Ids remembered per connection to drop the second copy of a message.
+const RECENT_IDS: usize = 4096;
+/// Client frames waiting for the sender task before the client is told `rate_limited`.
+const OUTGOING_QUEUE: usize = 256;
+/// Longest wait for the socket to take a backlog frame before the client counts as stuck.
+const BACKLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Deserialize)]
+pub(crate) struct TokenParam {
+    token: Option<String>,
+}
+
+/// Checks the token (header, or `?token=` for browsers) before upgrading: 401 otherwise.
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<TokenParam>, axum::extract::rejection::QueryRejection>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let from_query = query.ok().and_then(|Query(q)| q.token);
+    let token = bearer(&headers).map(str::to_owned).or(from_query);
+    let Some(user) = token.and_then(|t| state.tokens.verify(&t)) else {
+        return ApiError::new(ErrorCode::Unauthorized, "a valid token is required").into_response();
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    // Held for the connection's life, so shutdown can wait for every socket to close.
+    let alive = state.connections.token();
+    ws.max_frame_size(MAX_FRAME_BYTES)
+        .max_message_size(MAX_FRAME_BYTES)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| async move {
+            run(state, socket, user).await;
+            drop(alive);
+        })
+}
+
+/// Why a connection ended, and the close frame it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed or vanished: nothing to send.
+    ClientGone,
+    /// A frame over the 64 KiB limit.
+    TooBig,
+    /// The gateway is stopping: reconnect elsewhere.
+    Shutdown,
+    /// The client did not read its frames fast enough.
+    SlowReader,
+    /// Nothing heard within the silence limit.
+    Silent,
+    /// NATS or the store failed us.
+    Internal,
+}
+
+impl End {
+    fn close_frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            End::ClientGone => return None,
+            End::TooBig => (1009, "frame larger than 64 KiB"),
+            End::Shutdown => (1001, "server going away; reconnect"),
+            End::SlowReader => (1008, "not reading fast enough; reconnect"),
+            End::Silent => (1001, "no answer to pings"),
+            End::Internal => (1011, "internal error; reconnect"),
+        };
+        Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        })
+    }
+}
+
+/// What the backlog task hands the connection loop.
+enum BacklogEvent {
+    Page(Vec<chat_proto::Message>),
+    Done,
+}
+
+struct Connection {
+    state: AppState,
+    user: UserId,
+    out: mpsc::Sender<WsMessage>,
+    outgoing: mpsc::Sender<Outgoing>,
+    seen: RecentIds,
+    /// Events that arrive while the backlog replays, pushed after it in arrival order;
+    /// `None` once the backlog is done.
+    held: Option<Vec<Bytes>>,
+    replayed: u64,
+    limiter: DefaultDirectRateLimiter,
+    last_heard: Instant,
+}
+
+async fn run(state: AppState, socket: WebSocket, user: UserId) {
+    let session_id = Uuid::new_v4().to_string();
+    let span = tracing::info_span!("gateway.connection", user_id = user, session_id = %session_id);
+    async {
+        let (sink, stream) = socket.split();
+        let (out, out_rx) = mpsc::channel(state.config.outbound_queue);
+        let writer = tokio::spawn(write_loop(sink, out_rx));
+
+        // (a) Subscribe and flush, so every event from here on reaches us ...
+        let sub = match state.nats.subscribe(state.subjects.user(user)).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot subscribe to the user's events");
+                return finish(writer, out, End::Internal).await;
+            }
+        };
+        if let Err(e) = state.nats.flush().await {
+            tracing::warn!(error = %e, "cannot flush the subscription");
+        }
+        // (b) ... announce the session, so the router sends live messages our way ...
+        state.session_up(user, &session_id).await;
+        let hello = ServerFrame::Hello {
+            user_id: user,
+            session_id: session_id.clone(),
+            server_time: chat_proto::now_ms(),
+        };
+        let _ = out.send(text(hello.to_json())).await;
+        // (c) ... and only then ask for what was waiting.
+        let (backlog_tx, backlog_rx) = mpsc::channel(2);
+        let backlog =
+            tokio::spawn(fetch_backlog(state.clone(), user, backlog_tx).in_current_span());
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
+        let sender = tokio::spawn(
+            send::run(state.clone(), user, outgoing_rx, out.clone()).in_current_span(),
+        );
+
+        let rate =
+            std::num::NonZeroU32::new(state.config.send_rate.max(1)).expect("max(1) is non-zero");
+        let burst =
+            std::num::NonZeroU32::new(state.config.send_burst.max(1)).expect("max(1) is non-zero");
+        let mut conn = Connection {
+            state: state.clone(),
+            user,
+            out: out.clone(),
+            outgoing,
+            seen: RecentIds::new(RECENT_IDS),
+            held: Some(Vec::new()),
+            replayed: 0,
+            limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            last_heard: Instant::now(),
+        };
+        conn.seen.set_grow(true);
+        let end = conn.serve(stream, sub, backlog_rx).await;
+        tracing::debug!(?end, "connection ends");
+
+        backlog.abort();
+        sender.abort();
+        state.session_down(user, &session_id).await;
+        drop(conn);
+        finish(writer, out, end).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Sends the close frame (when there is one) and lets the writer drain, within a bound.
+async fn finish(writer: tokio::task::JoinHandle<()>, out: mpsc::Sender<WsMessage>, end: End) {
+    if let Some(frame) = end.close_frame() {
+        let _ = out.try_send(WsMessage::Close(Some(frame)));
+    }
+    drop(out);
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+}
+
+async fn write_loop(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<WsMessage>) {
+    while let Some(msg) = rx.recv().await {
+        let closing = matches!(msg, WsMessage::Close(_));
+        if sink.send(msg).await.is_err() || closing {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+fn text(json: String) -> WsMessage {
+    WsMessage::Text(Utf8Bytes::from(json))
+}
+
+/// Waits for messages still in the pipeline to be stored, then pages through the backlog,
+/// retrying while the store is unavailable (the client waits for
+/// `backlog_done`; a gap is never an option).
+async fn fetch_backlog(state: AppState, user: UserId, tx: mpsc::Sender<BacklogEvent>) {
+    state.settle().await;
+    let mut after: Option<String> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let req = Backlog {
+            user_id: user,
+            after: after.clone(),
+            limit: BACKLOG_PAGE,
+        };
+        let page: Page = match state.store(StoreOp::Backlog, &req).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "backlog unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        after = page.messages.last().map(|m| m.msg_id.clone()).or(after);
+        let more = page.has_more && !page.messages.is_empty();
+        if tx.send(BacklogEvent::Page(page.messages)).await.is_err() {
+            return;
+        }
+        if !more {
+            let _ = tx.send(BacklogEvent::Done).await;
+            return;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EventHead {
+    #[serde(rename = "type")]
+    kind: String,
+    msg_id: Option<String>,
+}
+
+impl Connection {
+    async fn serve(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        mut sub: async_nats::Subscriber,
+        mut backlog: mpsc::Receiver<BacklogEvent>,
+    ) -> End {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        let cancel = self.state.cancel.clone();
+        loop {
+            let step = tokio::select! {
+                () = cancel.cancelled() => Err(End::Shutdown),
+                frame = stream.next() => match frame {
+                    None => Err(End::ClientGone),
+                    Some(Err(e)) => Err(read_error(e)),
+                    Some(Ok(msg)) => {
+                        self.last_heard = Instant::now();
+                        self.on_client(msg)
+                    }
+                },
+                event = sub.next() => match event {
+                    Some(m) => self.on_event(m.payload),
+                    None => Err(End::Internal),
+                },
+                event = backlog.recv(), if self.held.is_some() => match event {
+                    Some(BacklogEvent::Page(messages)) => self.replay(messages).await,
+                    Some(BacklogEvent::Done) => self.backlog_done(),
+                    None => Err(End::Internal),
+                },
+                _ = ping.tick() => {
+                    if self.last_heard.elapsed() > SILENCE_LIMIT {
+                        Err(End::Silent)
+                    } else {
+                        self.push(WsMessage::Ping(Bytes::new()))
+                    }
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Queues a frame for the socket. A full queue means the client stopped reading: it is
+    /// dropped rather than slowing anyone else down (it reconnects and replays its backlog).
+    fn push(&self, msg: WsMessage) -> Result<(), End> {
+        match self.out.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::info!("client is not reading; dropping the connection");
+                Err(End::SlowReader)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::ClientGone),
+        }
+    }
+
+    fn push_frame(&self, frame: ServerFrame) -> Result<(), End> {
+        self.push(text(frame.to_json()))
+    }
+
+    fn on_client(&mut self, msg: WsMessage) -> Result<(), End> {
+        match msg {
+            WsMessage::Text(t) => self.on_text(t.as_str()),
+            WsMessage::Binary(_) => self.push_frame(ServerFrame::error(
+                ErrorCode::BadRequest,
+                "frames are JSON text; binary frames are not accepted",
+                None,
+            )),
+            WsMessage::Close(_) => Err(End::ClientGone),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => Ok(()),
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Result<(), End> {
+        let frame = match parse_client_frame(text) {
+            Ok(f) => f,
+            Err(e) => return self.push_frame(e.into_frame()),
+        };
+        let limited = |client_id| {
+            ServerFrame::error(
+                ErrorCode::RateLimited,
+                "slow down: too many frames",
+                client_id,
+            )
+        };
+        let item = match frame {
+            ClientFrame::Ping => return self.push_frame(ServerFrame::Pong),
+            ClientFrame::Send(s) => {
+                if self.limiter.check().is_err() {
+                    return self.push_frame(limited(Some(s.client_id)));
+                }
+                if s.to == self.user {
+                    return self.push_frame(ServerFrame::error(
+                        ErrorCode::UnknownRecipient,
+                        "you cannot send a message to yourself",
+                        Some(s.client_id),
+                    ));
+                }
+                let id = self.state.ids.next();
+                // Our own message will come back on the user subject (for the sender's
+                // other devices); this device already knows it.
+                self.seen.insert(id);
+                Outgoing::Send { id, send: s }
+            }
+            ClientFrame::Typing { to } => {
+                if self.limiter.check().is_err() {
+                    return self.push_frame(limited(None));
+                }
+                Outgoing::Typing { to }
+            }
+            ClientFrame::Ack { msg_ids } => Outgoing::Ack { msg_ids },
+            ClientFrame::Read { peer, up_to } => Outgoing::Read { peer, up_to },
+        };
+        match self.outgoing.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.push_frame(limited(item.client_id()))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Internal),
+        }
+    }
+
+    /// An event for this user from NATS: held during the backlog replay, else pushed unless
+    /// it is a message this connection already has.
+    fn on_event(&mut self, payload: Bytes) -> Result<(), End> {
+        if let Some(held) = &mut self.held {
+            held.push(payload);
+            return Ok(());
+        }
+        let head: EventHead = match serde_json::from_slice(&payload) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable user event");
+                return Ok(());
+            }
+        };
+        if head.kind == "message" {
+            let Some(id) = head
+                .msg_id
+                .as_deref()
+                .and_then(|id| Uuid::try_parse(id).ok())
+            else {
+                return Ok(());
+            };
+            if !self.seen.insert(id) {
+                return Ok(());
+            }
+        }
+        match Utf8Bytes::try_from(payload) {
+            Ok(t) => self.push(WsMessage::Text(t)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    async fn replay(&mut self, messages: Vec<chat_proto::Message>) -> Result<(), End> {
+        for m in messages {
+            let Ok(id) = Uuid::try_parse(&m.msg_id) else {
+                continue;
+            };
+            if !self.seen.insert(id) {
+                continue;
+            }
+            self.replayed += 1;
+            // Backlog frames wait for room in the queue: a long backlog is not a slow reader.
+            let frame = text(ServerFrame::Message(m).to_json());
+            match tokio::time::timeout(BACKLOG_WRITE_TIMEOUT, self.out.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(End::ClientGone),
+                Err(_) => return Err(End::SlowReader),
+            }
+        }
+        Ok(())
+    }
+
+    fn backlog_done(&mut self) -> Result<(), End> {
+        self.push_frame(ServerFrame::BacklogDone {
+            count: self.replayed,
+        })?;
+        let held = self.held.take().unwrap_or_default();
+        for payload in held {
+            self.on_event(payload)?;
+        }
+        self.seen.set_grow(false);
+        Ok(())
+    }
+}
+
+/// A read error: the 64 KiB limit closes with 1009; anything else means the client is gone.
+fn read_error(e: axum::Error) -> End {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => End::TooBig,
+        _ => End::ClientGone,
+    }
+}

@@ -1,0 +1,14 @@
+//! Why the router could not start.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach Redis at {url}: {source}")]
+    RedisConnect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error(transparent)]
+    Nats(#[from] chat_runtime::nats::Error),
+    #[error("NATS subscription: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}

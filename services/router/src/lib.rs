@@ -1,0 +1,149 @@
+//! The router: presence in Redis and, per message, the live-or-offline decision.
+//!
+//! It consumes the in stream (messages gateways accepted), hands each to the store stream and
+//! pushes live ones straight to the recipient's devices (see [`routing`]); it records sessions
+//! that gateways announce and heartbeat, sweeps expired ones, and tells users' peers when they
+//! come online or go offline (see [`sessions`]). It never touches MySQL or sockets.
+
+mod config;
+mod error;
+mod presence;
+mod routing;
+mod sessions;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chat_proto::Subjects;
+use chat_runtime::nats;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::Error;
+
+use presence::Presence;
+
+/// In-stream messages routed per batch at most.
+const BATCH: usize = 256;
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Presence messages handled at once per subscription.
+const CONCURRENCY: usize = 64;
+
+#[derive(Clone)]
+pub(crate) struct State {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    presence: Presence,
+    subjects: Arc<Subjects>,
+}
+
+/// A router connected to its backends, not yet serving.
+pub struct App {
+    state: State,
+    consumer: jetstream::consumer::PullConsumer,
+    subs: [async_nats::Subscriber; 4],
+    sweep_every: Duration,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, Error> {
+        let subjects = Arc::new(config.common.namespace.clone());
+        let client = nats::connect(&config.common.nats_url, "chat-router").await?;
+        let redis_err = |source| Error::RedisConnect {
+            url: config.redis_url.clone(),
+            source,
+        };
+        let redis = redis::Client::open(config.redis_url.as_str()).map_err(redis_err)?;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1);
+        let redis = redis
+            .get_connection_manager_with_config(manager_config)
+            .await
+            .map_err(redis_err)?;
+        let js = jetstream::new(client.clone());
+        let (in_stream, _) = nats::ensure_streams(&js, &subjects).await?;
+        let consumer =
+            nats::durable_consumer(&in_stream, subjects.router_consumer(), ACK_WAIT).await?;
+        let group = subjects.queue_group("router");
+        let subs = [
+            client
+                .queue_subscribe(subjects.presence_up(), group.clone())
+                .await?,
+            client
+                .queue_subscribe(subjects.presence_down(), group.clone())
+                .await?,
+            client
+                .queue_subscribe(subjects.presence_heartbeat(), group.clone())
+                .await?,
+            client
+                .queue_subscribe(subjects.presence_query(), group)
+                .await?,
+        ];
+        let presence = Presence::new(redis, subjects.redis_prefix(), config.presence_ttl);
+        Ok(App {
+            state: State {
+                nats: client,
+                js,
+                presence,
+                subjects,
+            },
+            consumer,
+            subs,
+            sweep_every: (config.presence_ttl / 10)
+                .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        })
+    }
+
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let [up, down, beat, query] = self.subs;
+        let s = self.state.clone();
+        tasks.spawn(nats::serve(up, CONCURRENCY, cancel.clone(), move |m| {
+            sessions::up(s.clone(), m)
+        }));
+        let s = self.state.clone();
+        tasks.spawn(nats::serve(down, CONCURRENCY, cancel.clone(), move |m| {
+            sessions::down(s.clone(), m)
+        }));
+        let s = self.state.clone();
+        tasks.spawn(nats::serve(beat, CONCURRENCY, cancel.clone(), move |m| {
+            sessions::heartbeat(s.clone(), m)
+        }));
+        let s = self.state.clone();
+        tasks.spawn(nats::serve(query, CONCURRENCY, cancel.clone(), move |m| {
+            sessions::query(s.clone(), m)
+        }));
+        tasks.spawn(sessions::sweep(
+            self.state.clone(),
+            self.sweep_every,
+            cancel.clone(),
+        ));
+        let s = self.state.clone();
+        tasks.spawn(nats::consume(
+            self.consumer,
+            BATCH,
+            cancel.clone(),
+            move |batch| {
+                let s = s.clone();
+                async move { routing::route_batch(&s, batch).await }
+            },
+        ));
+        shutdown.await;
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let _ = self.state.nats.flush().await;
+    }
+}
+
+/// Builds and runs a router until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    App::build(config).await?.run_until(shutdown).await;
+    Ok(())
+}

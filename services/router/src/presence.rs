@@ -1,0 +1,142 @@
+//! Presence in Redis.
+//!
+//! Each user has a sorted set `<ns>:sessions:<user>` of live session ids scored by the time
+//! they expire; a user is online while it holds an unexpired member. Gateways refresh their
+//! sessions by heartbeat, so a crashed gateway's sessions simply expire. A second sorted set,
+//! `<ns>:expiry`, indexes every session by expiry so that a sweep (run by any router, each
+//! entry claimed atomically by one) can announce users who went offline by expiry.
+//! Every change runs as one Lua script, so two routers never both announce one transition.
+
+use std::time::Duration;
+
+use chat_proto::UserId;
+use chat_proto::envelope::Session;
+use redis::aio::ConnectionManager;
+
+/// Refreshes sessions. ARGV: prefix, now, expires_at, keep_ms, then user/session pairs.
+/// Returns the users who had no live session before: they just came online.
+const TOUCH: &str = r"
+local prefix, now, expires, keep = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local came = {}
+for i = 5, #ARGV, 2 do
+  local user, session = ARGV[i], ARGV[i + 1]
+  local key = prefix .. 'sessions:' .. user
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) == 0 then table.insert(came, user) end
+  redis.call('ZADD', key, expires, session)
+  redis.call('PEXPIRE', key, keep)
+  redis.call('ZADD', prefix .. 'expiry', expires, user .. '|' .. session)
+end
+return came
+";
+
+/// Removes one session. ARGV: prefix, now, user, session. Returns 1 when this removal left
+/// the user with no live session: they just went offline.
+const DROP: &str = r"
+local prefix, now, user, session = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local key = prefix .. 'sessions:' .. user
+local removed = redis.call('ZREM', key, session)
+redis.call('ZREM', prefix .. 'expiry', user .. '|' .. session)
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+if removed == 1 and redis.call('ZCARD', key) == 0 then return 1 end
+return 0
+";
+
+/// Claims expired sessions. ARGV: prefix, now, max. Returns the users whom the expiry left
+/// with no live session.
+const SWEEP: &str = r"
+local prefix, now, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local index = prefix .. 'expiry'
+local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, max)
+local gone = {}
+for _, entry in ipairs(due) do
+  redis.call('ZREM', index, entry)
+  local sep = string.find(entry, '|', 1, true)
+  local user = string.sub(entry, 1, sep - 1)
+  local key = prefix .. 'sessions:' .. user
+  local removed = redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if removed > 0 and redis.call('ZCARD', key) == 0 then table.insert(gone, user) end
+end
+return gone
+";
+
+/// Sessions per script call, so one heartbeat of a large gateway does not block Redis.
+const CHUNK: usize = 500;
+
+/// Presence operations over one multiplexed Redis connection.
+#[derive(Clone)]
+pub(crate) struct Presence {
+    redis: ConnectionManager,
+    prefix: String,
+    ttl: Duration,
+    touch: redis::Script,
+    drop: redis::Script,
+    sweep: redis::Script,
+}
+
+impl Presence {
+    pub(crate) fn new(redis: ConnectionManager, prefix: String, ttl: Duration) -> Self {
+        Presence {
+            redis,
+            prefix,
+            ttl,
+            touch: redis::Script::new(TOUCH),
+            drop: redis::Script::new(DROP),
+            sweep: redis::Script::new(SWEEP),
+        }
+    }
+
+    /// Marks sessions live for another TTL; returns who came online.
+    pub(crate) async fn touch(&self, sessions: &[Session]) -> redis::RedisResult<Vec<UserId>> {
+        let now = chat_proto::now_ms();
+        let expires = now + self.ttl.as_millis() as i64;
+        let keep = self.ttl.as_millis() as i64 * 10;
+        let mut came = Vec::new();
+        for chunk in sessions.chunks(CHUNK) {
+            let mut call = self.touch.prepare_invoke();
+            call.arg(&self.prefix).arg(now).arg(expires).arg(keep);
+            for s in chunk {
+                call.arg(s.user_id).arg(&s.session_id);
+            }
+            let users: Vec<UserId> = call.invoke_async(&mut self.redis.clone()).await?;
+            came.extend(users);
+        }
+        Ok(came)
+    }
+
+    /// Ends a session; true when the user has no other.
+    pub(crate) async fn drop_session(&self, s: &Session) -> redis::RedisResult<bool> {
+        let gone: i64 = self
+            .drop
+            .arg(&self.prefix)
+            .arg(chat_proto::now_ms())
+            .arg(s.user_id)
+            .arg(&s.session_id)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(gone == 1)
+    }
+
+    /// Claims up to `max` expired sessions; returns who went offline.
+    pub(crate) async fn sweep(&self, max: usize) -> redis::RedisResult<Vec<UserId>> {
+        self.sweep
+            .arg(&self.prefix)
+            .arg(chat_proto::now_ms())
+            .arg(max)
+            .invoke_async(&mut self.redis.clone())
+            .await
+    }
+
+    /// How many live sessions each user has, in one pipelined round trip.
+    pub(crate) async fn sessions(&self, users: &[UserId]) -> redis::RedisResult<Vec<i64>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = chat_proto::now_ms();
+        let mut pipe = redis::pipe();
+        for u in users {
+            pipe.zcount(format!("{}sessions:{u}", self.prefix), now + 1, "+inf");
+        }
+        pipe.query_async(&mut self.redis.clone()).await
+    }
+}

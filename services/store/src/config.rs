@@ -1,0 +1,24 @@
+//! The store's settings, from flags or the environment (`chat-store --help` lists them).
+
+use chat_runtime::CommonConfig;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "chat-store",
+    version,
+    about = "Owns users, messages and receipts in MySQL"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+    /// MySQL (or MariaDB); the database is created if missing and migrated at start.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3306/chat"
+    )]
+    pub database_url: String,
+    /// Apply pending migrations, then exit.
+    #[arg(long)]
+    pub migrate_only: bool,
+}

@@ -1,0 +1,115 @@
+//! The store: the one owner of MySQL (through SeaORM).
+//!
+//! It consumes the store stream (`<ns>.store.>`: messages to persist, delivery and read marks,
+//! last seen), writes each batch in one transaction, acks only after the commit, and then
+//! publishes the "stored" notice that is every message's sure path to its recipient. It also
+//! answers request/reply operations: accounts, search, conversations, history and the backlog
+//! a gateway replays when a user connects.
+
+mod config;
+mod consumer;
+mod db;
+mod entity;
+mod error;
+mod messages;
+mod rpc;
+mod users;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chat_proto::Subjects;
+use chat_runtime::nats;
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::Error;
+
+/// Store stream messages handled per batch (and per transaction) at most.
+const BATCH: usize = 256;
+/// Redelivery of unacked store work after a crash.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Cheap-to-clone handles every handler needs.
+#[derive(Clone)]
+pub(crate) struct State {
+    db: DatabaseConnection,
+    nats: async_nats::Client,
+    subjects: Arc<Subjects>,
+}
+
+/// A store connected to its backends, not yet serving.
+pub struct App {
+    state: State,
+    rpc: async_nats::Subscriber,
+    consumer: jetstream::consumer::PullConsumer,
+}
+
+impl App {
+    /// Connects to NATS and MySQL (creating and migrating the database), makes sure the
+    /// streams and the durable consumer exist, and subscribes to requests.
+    pub async fn build(config: Config) -> Result<App, Error> {
+        let subjects = Arc::new(config.common.namespace.clone());
+        let client = nats::connect(&config.common.nats_url, "chat-store").await?;
+        let db = db::connect(&config.database_url).await?;
+        db::migrate(&db).await?;
+        let js = jetstream::new(client.clone());
+        let (_, store_stream) = nats::ensure_streams(&js, &subjects).await?;
+        let consumer =
+            nats::durable_consumer(&store_stream, subjects.store_consumer(), ACK_WAIT).await?;
+        let rpc = client
+            .queue_subscribe(subjects.rpc_all(), subjects.queue_group("store"))
+            .await?;
+        Ok(App {
+            state: State {
+                db,
+                nats: client,
+                subjects,
+            },
+            rpc,
+            consumer,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops pulling, finishes the work in hand and
+    /// returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(rpc::serve(self.state.clone(), self.rpc, cancel.clone()));
+        let state = self.state.clone();
+        tasks.spawn(nats::consume(
+            self.consumer,
+            BATCH,
+            cancel.clone(),
+            move |batch| {
+                let state = state.clone();
+                async move { consumer::handle_batch(&state, batch).await }
+            },
+        ));
+        shutdown.await;
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let _ = self.state.nats.flush().await;
+        let _ = self.state.db.close().await;
+    }
+}
+
+/// Builds and runs a store until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    App::build(config).await?.run_until(shutdown).await;
+    Ok(())
+}
+
+/// Connects to the database and applies pending migrations (`chat-store --migrate-only`).
+pub async fn migrate_only(config: &Config) -> Result<(), Error> {
+    let db = db::connect(&config.database_url).await?;
+    db::migrate(&db).await?;
+    db.close().await?;
+    Ok(())
+}

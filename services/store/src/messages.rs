@@ -1,0 +1,335 @@
+//! Messages: writing batches idempotently, delivery and read marks, backlog and history pages,
+//! and the conversation list.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chat_proto::envelope::{ConversationRow, History, Page};
+use chat_proto::limits::BACKLOG_PAGE_BYTES;
+use chat_proto::{Message, Status, UserId};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement, TransactionTrait, Value,
+};
+use uuid::Uuid;
+
+use crate::entity::{conversations, messages, users};
+use crate::error::Error;
+
+/// A message id from the wire; the caller has validated its shape.
+pub(crate) fn parse_id(id: &str) -> Option<Uuid> {
+    Uuid::try_parse(id).ok()
+}
+
+fn placeholders(n: usize, one: &str) -> String {
+    vec![one; n].join(",")
+}
+
+/// Inserts the messages that are not stored yet and moves each conversation's newest-message
+/// pointer, in one transaction. Returns, for each input, whether a message with its id is
+/// stored now: `false` only when the sender already has another message with that
+/// `client_id` (a retry that came after JetStream's de-dup window), which is not written.
+/// Running it again with the same input changes nothing: redelivery is harmless.
+pub(crate) async fn persist(
+    db: &DatabaseConnection,
+    batch: &[(Uuid, Message)],
+) -> Result<Vec<bool>, Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let txn = db.begin().await?;
+    let mut values: Vec<Value> = Vec::with_capacity(batch.len() * 8);
+    for (id, m) in batch {
+        values.extend([
+            (*id).into(),
+            m.from.into(),
+            m.to.into(),
+            m.from.min(m.to).into(),
+            m.from.max(m.to).into(),
+            m.client_id.clone().into(),
+            m.body.clone().into(),
+            m.ts.into(),
+        ]);
+    }
+    let sql = format!(
+        "INSERT INTO messages (msg_id, sender_id, recipient_id, user_lo, user_hi, client_id, body, created_at) \
+         VALUES {} ON DUPLICATE KEY UPDATE msg_id = msg_id",
+        placeholders(batch.len(), "(?,?,?,?,?,?,?,?)")
+    );
+    let inserted = txn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            sql,
+            values,
+        ))
+        .await?
+        .rows_affected();
+    let stored: HashSet<Uuid> = if inserted as usize == batch.len() {
+        batch.iter().map(|(id, _)| *id).collect()
+    } else {
+        let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+        messages::Entity::find()
+            .select_only()
+            .column(messages::Column::MsgId)
+            .filter(messages::Column::MsgId.is_in(ids))
+            .into_tuple::<Uuid>()
+            .all(&txn)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    // Both users' rows of each conversation, newest id per row, in key order so that
+    // concurrent stores lock rows in the same order.
+    let mut pointers: BTreeMap<(UserId, UserId), Uuid> = BTreeMap::new();
+    for (id, m) in batch.iter().filter(|(id, _)| stored.contains(id)) {
+        for key in [(m.from, m.to), (m.to, m.from)] {
+            let newest = pointers.entry(key).or_insert(*id);
+            *newest = (*newest).max(*id);
+        }
+    }
+    if !pointers.is_empty() {
+        let mut values: Vec<Value> = Vec::with_capacity(pointers.len() * 3);
+        for ((user, peer), id) in &pointers {
+            values.extend([(*user).into(), (*peer).into(), (*id).into()]);
+        }
+        let sql = format!(
+            "INSERT INTO conversations (user_id, peer_id, last_msg_id) VALUES {} \
+             ON DUPLICATE KEY UPDATE last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id))",
+            placeholders(pointers.len(), "(?,?,?)")
+        );
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            sql,
+            values,
+        ))
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(batch.iter().map(|(id, _)| stored.contains(id)).collect())
+}
+
+/// What a delivery or read mark found.
+#[derive(Debug, Default)]
+pub(crate) struct Marked {
+    /// (message, its sender) pairs whose sender is to be told.
+    pub(crate) receipts: Vec<(Uuid, UserId)>,
+    /// Ids not stored (yet): the mark came before the message's write.
+    pub(crate) missing: usize,
+}
+
+/// Marks messages to `user` as delivered. Receipts are due for every named message to `user`
+/// that is now exactly `delivered` (one already read keeps its stronger receipt).
+pub(crate) async fn deliver(
+    db: &DatabaseConnection,
+    user: UserId,
+    ids: &[Uuid],
+) -> Result<Marked, Error> {
+    let now = chat_proto::now_ms();
+    let mut values: Vec<Value> = vec![now.into(), user.into()];
+    values.extend(ids.iter().map(|id| Value::from(*id)));
+    let sql = format!(
+        "UPDATE messages SET status = 1, delivered_at = ? \
+         WHERE recipient_id = ? AND status = 0 AND msg_id IN ({})",
+        placeholders(ids.len(), "?")
+    );
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::MySql,
+        sql,
+        values,
+    ))
+    .await?;
+    let found: Vec<(Uuid, UserId, UserId, i16)> = messages::Entity::find()
+        .select_only()
+        .columns([
+            messages::Column::MsgId,
+            messages::Column::SenderId,
+            messages::Column::RecipientId,
+            messages::Column::Status,
+        ])
+        .filter(messages::Column::MsgId.is_in(ids.iter().copied()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    let distinct: HashSet<&Uuid> = ids.iter().collect();
+    Ok(Marked {
+        missing: distinct.len() - found.len(),
+        receipts: found
+            .into_iter()
+            .filter(|(_, _, to, status)| {
+                *to == user && Status::from_i16(*status) == Status::Delivered
+            })
+            .map(|(id, from, _, _)| (id, from))
+            .collect(),
+    })
+}
+
+/// Marks every message from `peer` to `user` up to `up_to` as read. `None` when `up_to` is not
+/// a stored message of their conversation (yet).
+pub(crate) async fn read(
+    db: &DatabaseConnection,
+    user: UserId,
+    peer: UserId,
+    up_to: Uuid,
+) -> Result<Option<()>, Error> {
+    let exists = messages::Entity::find_by_id(up_to)
+        .filter(messages::Column::UserLo.eq(user.min(peer)))
+        .filter(messages::Column::UserHi.eq(user.max(peer)))
+        .one(db)
+        .await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let now = chat_proto::now_ms();
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::MySql,
+        "UPDATE messages SET status = 2, read_at = ?, delivered_at = COALESCE(delivered_at, ?) \
+         WHERE recipient_id = ? AND status < 2 AND msg_id <= ? AND sender_id = ?",
+        [
+            now.into(),
+            now.into(),
+            user.into(),
+            up_to.into(),
+            peer.into(),
+        ],
+    ))
+    .await?;
+    Ok(Some(()))
+}
+
+/// Messages to `user` that no device has acknowledged, after `after`, oldest first; a page
+/// stops early once its bodies reach [`BACKLOG_PAGE_BYTES`].
+pub(crate) async fn backlog(
+    db: &DatabaseConnection,
+    user: UserId,
+    after: Option<Uuid>,
+    limit: u32,
+) -> Result<Page, Error> {
+    let mut query = messages::Entity::find()
+        .filter(messages::Column::RecipientId.eq(user))
+        .filter(messages::Column::Status.eq(Status::Sent.as_i16()));
+    if let Some(after) = after {
+        query = query.filter(messages::Column::MsgId.gt(after));
+    }
+    let rows = query
+        .order_by_asc(messages::Column::MsgId)
+        .limit(u64::from(limit) + 1)
+        .all(db)
+        .await?;
+    let mut has_more = rows.len() > limit as usize;
+    let mut bytes = 0;
+    let mut messages = Vec::new();
+    for row in rows.into_iter().take(limit as usize) {
+        if bytes >= BACKLOG_PAGE_BYTES {
+            has_more = true;
+            break;
+        }
+        bytes += row.body.len() + 200;
+        messages.push(Message::from(row));
+    }
+    Ok(Page { messages, has_more })
+}
+
+/// A page of a conversation, oldest first, ending just before `before` (or the newest page).
+pub(crate) async fn history(
+    db: &DatabaseConnection,
+    req: &History,
+    before: Option<Uuid>,
+) -> Result<Page, Error> {
+    let mut query = messages::Entity::find()
+        .filter(messages::Column::UserLo.eq(req.user_id.min(req.peer)))
+        .filter(messages::Column::UserHi.eq(req.user_id.max(req.peer)));
+    if let Some(before) = before {
+        query = query.filter(messages::Column::MsgId.lt(before));
+    }
+    let mut rows = query
+        .order_by_desc(messages::Column::MsgId)
+        .limit(u64::from(req.limit) + 1)
+        .all(db)
+        .await?;
+    let has_more = rows.len() > req.limit as usize;
+    rows.truncate(req.limit as usize);
+    rows.reverse();
+    Ok(Page {
+        messages: rows.into_iter().map(Message::from).collect(),
+        has_more,
+    })
+}
+
+/// The message a sender made with a client id, if stored.
+pub(crate) async fn by_client_id(
+    db: &DatabaseConnection,
+    from: UserId,
+    client_id: &str,
+) -> Result<Option<Message>, Error> {
+    Ok(messages::Entity::find()
+        .filter(messages::Column::SenderId.eq(from))
+        .filter(messages::Column::ClientId.eq(client_id))
+        .one(db)
+        .await?
+        .map(Message::from))
+}
+
+/// How many conversations the list shows at most.
+const CONVERSATIONS_MAX: u64 = 200;
+
+/// The user's conversations, newest first, with the peer, last message and unread count.
+pub(crate) async fn conversations(
+    db: &DatabaseConnection,
+    user: UserId,
+) -> Result<Vec<ConversationRow>, Error> {
+    let rows = conversations::Entity::find()
+        .filter(conversations::Column::UserId.eq(user))
+        .order_by_desc(conversations::Column::LastMsgId)
+        .limit(CONVERSATIONS_MAX)
+        .all(db)
+        .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let last: HashMap<Uuid, messages::Model> = messages::Entity::find()
+        .filter(messages::Column::MsgId.is_in(rows.iter().map(|r| r.last_msg_id)))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| (m.msg_id, m))
+        .collect();
+    let peers: HashMap<UserId, users::Model> = users::Entity::find()
+        .filter(users::Column::Id.is_in(rows.iter().map(|r| r.peer_id)))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|u| (u.id, u))
+        .collect();
+    let unread: HashMap<UserId, i64> = messages::Entity::find()
+        .select_only()
+        .column(messages::Column::SenderId)
+        .column_as(messages::Column::MsgId.count(), "unread")
+        .filter(messages::Column::RecipientId.eq(user))
+        .filter(messages::Column::Status.lt(Status::Read.as_i16()))
+        .group_by(messages::Column::SenderId)
+        .into_tuple::<(UserId, i64)>()
+        .all(db)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(ConversationRow {
+                peer: peers.get(&r.peer_id)?.info(),
+                last_message: last.get(&r.last_msg_id)?.clone().into(),
+                unread: unread.get(&r.peer_id).copied().unwrap_or(0).max(0) as u64,
+            })
+        })
+        .collect())
+}
+
+/// Everyone who shares a conversation with the user: who hears of their presence.
+pub(crate) async fn peers(db: &DatabaseConnection, user: UserId) -> Result<Vec<UserId>, Error> {
+    Ok(conversations::Entity::find()
+        .select_only()
+        .column(conversations::Column::PeerId)
+        .filter(conversations::Column::UserId.eq(user))
+        .into_tuple::<UserId>()
+        .all(db)
+        .await?)
+}

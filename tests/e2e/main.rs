@@ -1,0 +1,11 @@
+//! End-to-end tests: the three services on the real NATS, Redis and MariaDB, driven through
+//! real WebSocket and HTTP clients. One binary, one module per capability; every test starts
+//! its own deployment (`chat_tests::TestEnv`) in its own namespace and database.
+
+mod api;
+mod backlog;
+mod errors;
+mod history;
+mod messaging;
+mod presence;
+mod scale;

@@ -1,0 +1,110 @@
+//! Live delivery, receipts, retries and several devices.
+
+use chat_tests::TestEnv;
+use serde_json::json;
+
+/// PROTOCOL guarantee: `sent` means accepted; the recipient gets `message`; its `ack` gives
+/// the sender `receipt delivered`, its `read` gives `receipt read`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_message_is_delivered_then_receipted() {
+    let env = TestEnv::start_default().await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect(&a).await;
+    let mut cb = env.connect(&b).await;
+    assert_eq!(ca.backlog().await.1, 0);
+    assert_eq!(cb.backlog().await.1, 0);
+    assert_eq!(cb.hello["user_id"], b.id);
+
+    let id = ca.send_and_confirm(b.id, "c-1", "hello bob").await;
+    let m = cb.expect_body("hello bob").await;
+    assert_eq!(m["msg_id"], id);
+    assert_eq!(m["from"], a.id);
+    assert_eq!(m["to"], b.id);
+    assert_eq!(m["client_id"], "c-1");
+    assert_eq!(m["status"], "sent");
+    assert!(m["ts"].as_i64().unwrap() > 0);
+
+    cb.send_json(json!({"type": "ack", "msg_ids": [id]})).await;
+    let r = ca.expect_type("receipt").await;
+    assert_eq!(
+        r,
+        json!({"type": "receipt", "msg_id": id, "peer": b.id, "status": "delivered"})
+    );
+
+    cb.send_json(json!({"type": "read", "peer": a.id, "up_to": id}))
+        .await;
+    let r = ca.expect_type("receipt").await;
+    assert_eq!(
+        r,
+        json!({"type": "receipt", "msg_id": id, "peer": b.id, "status": "read"})
+    );
+
+    let (status, page) = env
+        .get(&a, &format!("/api/v1/conversations/{}/messages", b.id))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"][0]["status"], "read");
+    env.finish().await;
+}
+
+/// PROTOCOL guarantee 3: a retried `send` with the same client_id answers the first msg_id
+/// and makes no second message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_client_id_returns_the_first_message() {
+    let env = TestEnv::start_default().await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect(&a).await;
+    ca.backlog().await;
+    let first = ca.send_and_confirm(b.id, "same", "only once").await;
+    // Retried at once (still in the in stream, or just routed) ...
+    let again = ca.send_and_confirm(b.id, "same", "only once").await;
+    assert_eq!(first, again);
+    // ... and from another connection, after the first has surely been stored.
+    chat_tests::eventually("first message stored", || async {
+        let (_, page) = env
+            .get(&a, &format!("/api/v1/conversations/{}/messages", b.id))
+            .await;
+        (page["messages"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let mut ca2 = env.connect(&a).await;
+    let third = ca2.send_and_confirm(b.id, "same", "only once").await;
+    assert_eq!(first, third);
+
+    let mut cb = env.connect(&b).await;
+    let (messages, count) = cb.backlog().await;
+    assert_eq!(count, 1, "one message, not three: {messages:?}");
+    assert_eq!(messages[0]["msg_id"], first);
+    let (_, page) = env
+        .get(&b, &format!("/api/v1/conversations/{}/messages", a.id))
+        .await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+    env.finish().await;
+}
+
+/// PROTOCOL guarantee 2: every connected device of the recipient gets the message, and the
+/// sender's other devices get a copy of what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_gets_the_message_and_the_senders_other_device_a_copy() {
+    let env = TestEnv::start_default().await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut a1 = env.connect(&a).await;
+    let mut a2 = env.connect(&a).await;
+    let mut b1 = env.connect(&b).await;
+    let mut b2 = env.connect(&b).await;
+    for c in [&mut a1, &mut a2, &mut b1, &mut b2] {
+        c.backlog().await;
+    }
+    let id = a1.send_and_confirm(b.id, "d-1", "to both phones").await;
+    for c in [&mut b1, &mut b2, &mut a2] {
+        let m = c.expect_body("to both phones").await;
+        assert_eq!(m["msg_id"], id);
+        assert_eq!(m["from"], a.id);
+    }
+    // A reply from one of B's devices reaches both of A's.
+    let reply = b2.send_and_confirm(a.id, "d-2", "got it").await;
+    for c in [&mut a1, &mut a2, &mut b1] {
+        assert_eq!(c.expect_body("got it").await["msg_id"], reply);
+    }
+    env.finish().await;
+}

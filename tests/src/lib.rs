@@ -1,0 +1,550 @@
+//! The end-to-end test harness.
+//!
+//! [`TestEnv::start`] gives a test its own namespace (so its own NATS subjects, streams and
+//! Redis keys) and its own MariaDB database, runs gateways, routers and stores in-process on
+//! the real local NATS, Redis and MariaDB, and removes everything again in
+//! [`TestEnv::finish`] (or, if the test panicked, when the env is dropped). [`Client`] is a
+//! real WebSocket client with typed helpers that wait with a deadline, never a sleep.
+//!
+//! Set `TEST_LOG=1` to see the services' logs.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Once;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use chat_proto::Subjects;
+use chat_runtime::CommonConfig;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+
+/// How long a test waits for something that should happen before it fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+static LOG: Once = Once::new();
+
+fn init_logging() {
+    LOG.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// What a test may change about the services it starts.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub gateways: usize,
+    pub routers: usize,
+    pub stores: usize,
+    pub presence_ttl: Duration,
+    pub send_rate: u32,
+    pub send_burst: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            gateways: 1,
+            routers: 1,
+            stores: 1,
+            presence_ttl: Duration::from_secs(20),
+            send_rate: 1000,
+            send_burst: 2000,
+        }
+    }
+}
+
+struct Service {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// One test's private deployment.
+pub struct TestEnv {
+    pub subjects: Subjects,
+    pub database: String,
+    pub options: Options,
+    pub jwt_secret: String,
+    gateways: Vec<(SocketAddr, Service)>,
+    backends: Vec<Service>,
+    http: reqwest::Client,
+    cleaned: bool,
+}
+
+/// A registered user with a token.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub token: String,
+}
+
+fn random_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+impl TestEnv {
+    /// One gateway, one router, one store.
+    pub async fn start_default() -> TestEnv {
+        TestEnv::start(Options::default()).await
+    }
+
+    pub async fn start(options: Options) -> TestEnv {
+        init_logging();
+        let suffix = random_suffix();
+        let subjects = Subjects::new(&format!("t{suffix}")).expect("a valid namespace");
+        let mut env = TestEnv {
+            subjects,
+            database: format!("chat_t{suffix}"),
+            options: options.clone(),
+            jwt_secret: format!("test-secret-{suffix}"),
+            gateways: Vec::new(),
+            backends: Vec::new(),
+            http: reqwest::Client::new(),
+            cleaned: false,
+        };
+        // Stores first: they create the database, so routers and gateways find it migrated.
+        for _ in 0..options.stores {
+            env.start_store().await;
+        }
+        for _ in 0..options.routers {
+            env.start_router().await;
+        }
+        for _ in 0..options.gateways {
+            env.start_gateway().await;
+        }
+        env
+    }
+
+    fn common(&self) -> CommonConfig {
+        CommonConfig::new(NATS_URL, self.subjects.clone())
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("{MYSQL_SERVER}/{}", self.database)
+    }
+
+    pub fn gateway_config(&self) -> chat_gateway::Config {
+        chat_gateway::Config {
+            common: self.common(),
+            http_addr: "127.0.0.1:0".into(),
+            jwt_secret: self.jwt_secret.clone(),
+            token_ttl: Duration::from_secs(3600),
+            presence_ttl: self.options.presence_ttl,
+            send_rate: self.options.send_rate,
+            send_burst: self.options.send_burst,
+            outbound_queue: 4096,
+        }
+    }
+
+    pub async fn start_store(&mut self) {
+        let config = chat_store::Config {
+            common: self.common(),
+            database_url: self.database_url(),
+            migrate_only: false,
+        };
+        let app = chat_store::App::build(config)
+            .await
+            .unwrap_or_else(|e| panic!("store does not start: {e}"));
+        self.backends.push(spawn(|stop| app.run_until(stop)));
+    }
+
+    pub async fn start_router(&mut self) {
+        let config = chat_router::Config {
+            common: self.common(),
+            redis_url: REDIS_URL.into(),
+            presence_ttl: self.options.presence_ttl,
+        };
+        let app = chat_router::App::build(config)
+            .await
+            .unwrap_or_else(|e| panic!("router does not start: {e}"));
+        self.backends.push(spawn(|stop| app.run_until(stop)));
+    }
+
+    /// Starts another gateway; returns its index.
+    pub async fn start_gateway(&mut self) -> usize {
+        let app = chat_gateway::App::build(self.gateway_config())
+            .await
+            .unwrap_or_else(|e| panic!("gateway does not start: {e}"));
+        let addr = app.local_addr();
+        self.gateways
+            .push((addr, spawn(|stop| app.run_until(stop))));
+        self.gateways.len() - 1
+    }
+
+    /// Stops gateway `i` the way SIGTERM does, and waits until it has.
+    pub async fn stop_gateway(&mut self, i: usize) {
+        let service = &mut self.gateways[i].1;
+        service.cancel.cancel();
+        (&mut service.task).await.expect("gateway task");
+    }
+
+    pub fn base_url(&self, gateway: usize) -> String {
+        format!("http://{}", self.gateways[gateway].0)
+    }
+
+    pub fn ws_url(&self, gateway: usize) -> String {
+        format!("ws://{}/ws", self.gateways[gateway].0)
+    }
+
+    /// An HTTP request to gateway 0, with a bearer token when given.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base_url(0)));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    /// GET as `user`; returns status and JSON body.
+    pub async fn get(&self, user: &User, path: &str) -> (u16, Value) {
+        let r = self
+            .request(reqwest::Method::GET, path, Some(&user.token))
+            .send()
+            .await
+            .expect("gateway answers HTTP");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST JSON without a token; returns status and JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .request(reqwest::Method::POST, path, None)
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers HTTP");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers `name` (password "password-<name>") and logs in.
+    pub async fn user(&self, name: &str) -> User {
+        let password = format!("password-{name}");
+        let creds = json!({ "username": name, "password": password });
+        let (status, body) = self.post("/api/v1/register", &creds).await;
+        assert_eq!(status, 201, "register {name}: {body}");
+        let (status, body) = self.post("/api/v1/login", &creds).await;
+        assert_eq!(status, 200, "login {name}: {body}");
+        User {
+            id: body["user_id"].as_i64().expect("user_id"),
+            name: name.to_owned(),
+            token: body["token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    /// Opens a WebSocket for `user` on gateway 0 and waits for `hello`.
+    pub async fn connect(&self, user: &User) -> Client {
+        self.connect_to(user, 0).await
+    }
+
+    pub async fn connect_to(&self, user: &User, gateway: usize) -> Client {
+        Client::connect(&self.ws_url(gateway), user)
+            .await
+            .unwrap_or_else(|e| panic!("{} cannot connect: {e:#}", user.name))
+    }
+
+    /// Stops every service and removes the namespace's streams and keys and the database.
+    pub async fn finish(mut self) {
+        for (_, s) in &self.gateways {
+            s.cancel.cancel();
+        }
+        for (_, s) in self.gateways.drain(..) {
+            let _ = s.task.await;
+        }
+        for s in &self.backends {
+            s.cancel.cancel();
+        }
+        for s in self.backends.drain(..) {
+            let _ = s.task.await;
+        }
+        if let Err(e) = cleanup(&self.subjects, &self.database).await {
+            panic!("cleanup failed: {e:#}");
+        }
+        self.cleaned = true;
+    }
+}
+
+impl Drop for TestEnv {
+    /// A test that panicked did not reach `finish`: stop its services and clean up from a
+    /// thread of our own (this one may be the test's runtime).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        for s in self.gateways.iter().map(|(_, s)| s).chain(&self.backends) {
+            s.cancel.cancel();
+            s.task.abort();
+        }
+        let (subjects, database) = (self.subjects.clone(), self.database.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            if let Err(e) = rt.block_on(cleanup(&subjects, &database)) {
+                eprintln!("cleanup of {database} failed: {e:#}");
+            }
+        })
+        .join();
+    }
+}
+
+fn spawn<F, Fut>(run: F) -> Service
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let task = tokio::spawn(run(Box::pin(async move { stop.cancelled().await })));
+    Service { cancel, task }
+}
+
+/// Deletes the namespace's streams, its Redis keys and the database.
+pub async fn cleanup(subjects: &Subjects, database: &str) -> Result<()> {
+    let nats = async_nats::connect(NATS_URL).await?;
+    let js = async_nats::jetstream::new(nats);
+    for stream in [subjects.in_stream(), subjects.store_stream()] {
+        let _ = js.delete_stream(&stream).await;
+    }
+    let redis = redis::Client::open(REDIS_URL)?;
+    let mut con = redis.get_multiplexed_async_connection().await?;
+    let pattern = format!("{}*", subjects.redis_prefix());
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut con)
+        .await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut con).await?;
+    }
+    let db = sea_orm::Database::connect(format!("{MYSQL_SERVER}/")).await?;
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared("SET SESSION lock_wait_timeout = 10")
+        .await?;
+    db.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{database}`"))
+        .await?;
+    db.close().await?;
+    Ok(())
+}
+
+/// A real WebSocket client speaking PROTOCOL.md.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub user: User,
+    pub hello: Value,
+    /// Frames read while waiting for another one, in arrival order.
+    unread: VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn connect(url: &str, user: &User) -> Result<Client> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {}", user.token).parse()?);
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let mut client = Client {
+            ws,
+            user: user.clone(),
+            hello: Value::Null,
+            unread: VecDeque::new(),
+        };
+        let hello = client.next_raw().await?;
+        if hello["type"] != "hello" {
+            bail!("first frame is not hello: {hello}");
+        }
+        client.hello = hello;
+        Ok(client)
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(WsMessage::text(text.to_owned()))
+            .await
+            .expect("socket accepts a frame");
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub async fn send_raw(&mut self, msg: WsMessage) {
+        self.ws.send(msg).await.expect("socket accepts a frame");
+    }
+
+    /// Sends a message; does not wait for `sent`.
+    pub async fn send_msg(&mut self, to: i64, client_id: &str, body: &str) {
+        self.send_json(json!({ "type": "send", "client_id": client_id, "to": to, "body": body }))
+            .await;
+    }
+
+    /// Sends a message and waits for its `sent`; returns the msg_id.
+    pub async fn send_and_confirm(&mut self, to: i64, client_id: &str, body: &str) -> String {
+        self.send_msg(to, client_id, body).await;
+        let sent = self.expect_client_id(client_id).await;
+        assert_eq!(sent["type"], "sent", "answer to {client_id}: {sent}");
+        sent["msg_id"].as_str().expect("msg_id").to_owned()
+    }
+
+    /// The next data frame from the socket itself (not the unread queue).
+    async fn next_raw(&mut self) -> Result<Value> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("no frame within {WAIT:?}"))?
+                .ok_or_else(|| anyhow!("socket closed"))??;
+            match msg {
+                WsMessage::Text(t) => return serde_json::from_str(&t).context("frame is JSON"),
+                WsMessage::Close(frame) => bail!("socket closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame matching `pred`, keeping others for later; fails after [`WAIT`].
+    pub async fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.unread.iter().position(&pred) {
+            return self.unread.remove(i).expect("index in range");
+        }
+        loop {
+            match self.next_raw().await {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) => self.unread.push_back(v),
+                Err(e) => panic!(
+                    "{} waiting for {what}: {e:#}; unread: {:?}",
+                    self.user.name, self.unread
+                ),
+            }
+        }
+    }
+
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        self.expect(kind, |v| v["type"] == kind).await
+    }
+
+    /// The `sent` or `error` answering a client id.
+    pub async fn expect_client_id(&mut self, client_id: &str) -> Value {
+        self.expect(&format!("answer to {client_id}"), |v| {
+            (v["type"] == "sent" || v["type"] == "error") && v["client_id"] == client_id
+        })
+        .await
+    }
+
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        self.expect(&format!("error {code}"), |v| {
+            v["type"] == "error" && v["code"] == code
+        })
+        .await
+    }
+
+    /// The `message` frame with this body.
+    pub async fn expect_body(&mut self, body: &str) -> Value {
+        self.expect(&format!("message {body:?}"), |v| {
+            v["type"] == "message" && v["body"] == body
+        })
+        .await
+    }
+
+    /// Reads up to `backlog_done`: the messages before it (in order) and its count.
+    pub async fn backlog(&mut self) -> (Vec<Value>, u64) {
+        let mut messages = Vec::new();
+        loop {
+            let frame = match self.unread.pop_front() {
+                Some(f) => f,
+                None => self.next_raw().await.unwrap_or_else(|e| {
+                    panic!("{} waiting for backlog_done: {e:#}", self.user.name)
+                }),
+            };
+            match frame["type"].as_str() {
+                Some("backlog_done") => return (messages, frame["count"].as_u64().expect("count")),
+                Some("message") => messages.push(frame),
+                _ => {}
+            }
+        }
+    }
+
+    /// Collects `message` frames until `n` distinct msg_ids arrived; returns them in arrival
+    /// order with duplicates dropped (as a client does) and the number of duplicates seen.
+    pub async fn messages(&mut self, n: usize) -> (Vec<Value>, usize) {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut dups = 0;
+        while out.len() < n {
+            let m = self.expect_type("message").await;
+            if seen.insert(m["msg_id"].as_str().expect("msg_id").to_owned()) {
+                out.push(m);
+            } else {
+                dups += 1;
+            }
+        }
+        (out, dups)
+    }
+
+    /// Waits for the server to close the socket; returns the close code.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{}: socket not closed within {WAIT:?}", self.user.name)
+                });
+            match next {
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain until the server acknowledges, so the session is gone when this returns.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{what}: not within {WAIT:?}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
