@@ -57,8 +57,12 @@ pub(crate) async fn run(
         tokio::select! {
             Some(answer) = pending.next(), if !pending.is_empty() => {
                 if let Some(frame) = answer {
-                    // A full queue is the connection loop's to notice; it drops the client.
-                    let _ = out.try_send(WsMessage::Text(Utf8Bytes::from(frame.to_json())));
+                    // Waits for room: a client that never reads is dropped by the connection
+                    // loop (its next push finds the queue full), which ends this task too.
+                    let text = WsMessage::Text(Utf8Bytes::from(frame.to_json()));
+                    if out.send(text).await.is_err() {
+                        break;
+                    }
                 }
             }
             item = rx.recv() => match item {
