@@ -11,9 +11,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Keeps the tracer provider alive; dropping it flushes and shuts it down.
 pub struct TelemetryGuard {
@@ -29,13 +30,26 @@ impl Drop for TelemetryGuard {
 /// Installs the global subscriber: `RUST_LOG` filtering (default `info`), human-readable logs
 /// on stderr, and the OpenTelemetry layer. Call once, first thing in `main`.
 pub fn init(service: &'static str) -> TelemetryGuard {
+    install(service, true)
+}
+
+/// Like [`init`], with logs only when `logs` is set: trace context (ids, `traceparent`) works
+/// either way. Tests call it with logs off unless asked for. A second call changes nothing.
+pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
     let provider = SdkTracerProvider::builder().build();
     let tracer = provider.tracer(service);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = logs.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+    });
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(LevelFilter::INFO);
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(fmt)
+        .with(otel)
         .try_init();
     TelemetryGuard { provider }
 }

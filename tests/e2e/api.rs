@@ -154,3 +154,69 @@ async fn search_and_history_errors() {
     }
     env.finish().await;
 }
+
+/// Brute force: login attempts per username, and register/login per address, answer 429
+/// once over their limit; other accounts and the right password are not locked out by
+/// another account's attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_and_register_are_rate_limited() {
+    let env = TestEnv::start(chat_tests::Options {
+        auth_rate_ip: 30,
+        login_rate_user: 5,
+        ..Default::default()
+    })
+    .await;
+    env.user("alice").await;
+    env.user("bob").await;
+    let wrong = json!({"username": "alice", "password": "not the password"});
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let (s, b) = env.post("/api/v1/login", &wrong).await;
+        codes.push((s, b["error"]["code"].as_str().unwrap().to_owned()));
+    }
+    // alice's own login counted once (in env.user): 4 more wrong tries, then 429.
+    assert!(
+        codes[..4]
+            .iter()
+            .all(|(s, c)| *s == 401 && c == "bad_credentials"),
+        "{codes:?}"
+    );
+    assert!(
+        codes[4..]
+            .iter()
+            .all(|(s, c)| *s == 429 && c == "rate_limited"),
+        "{codes:?}"
+    );
+    // Usernames count case-insensitively.
+    let (s, _) = env
+        .post(
+            "/api/v1/login",
+            &json!({"username": "ALICE", "password": "password-alice"}),
+        )
+        .await;
+    assert_eq!(s, 429);
+    // Bob is not affected.
+    let (s, _) = env
+        .post(
+            "/api/v1/login",
+            &json!({"username": "bob", "password": "password-bob"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // The address limit (30 a minute; 14 used so far) covers registering too.
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let (s, _) = env
+            .post(
+                "/api/v1/register",
+                &json!({"username": format!("user{i}"), "password": "long enough"}),
+            )
+            .await;
+        statuses.push(s);
+    }
+    assert!(
+        statuses.contains(&201) && statuses.ends_with(&[429]),
+        "{statuses:?}"
+    );
+    env.finish().await;
+}

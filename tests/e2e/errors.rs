@@ -205,3 +205,23 @@ async fn upgrade_needs_a_valid_token_and_big_frames_close_with_1009() {
     assert_eq!(ca.expect_close().await, Some(1009));
     env.finish().await;
 }
+
+/// A token that expires while its socket is open closes the socket with the documented code
+/// (4001); the client logs in again and reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_closes_when_its_token_expires() {
+    let env = TestEnv::start_default().await;
+    let mut a = env.user("alice").await;
+    let now = chat_proto::now_ms() / 1000;
+    let claims = json!({"sub": a.id.to_string(), "iat": now, "exp": now + 2});
+    a.token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(env.jwt_secret.as_bytes()),
+    )
+    .unwrap();
+    let mut ca = env.connect(&a).await;
+    ca.backlog().await;
+    assert_eq!(ca.expect_close().await, Some(chat_gateway::TOKEN_EXPIRED));
+    env.finish().await;
+}

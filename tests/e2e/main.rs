@@ -9,3 +9,4 @@ mod history;
 mod messaging;
 mod presence;
 mod scale;
+mod tracing;

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -31,18 +31,13 @@ pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
 /// How long a test waits for something that should happen before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-static LOG: Once = Once::new();
+static TELEMETRY: OnceLock<chat_runtime::telemetry::TelemetryGuard> = OnceLock::new();
 
+/// Trace context for every test (the services put `traceparent` on NATS headers); logs only
+/// with `TEST_LOG=1`.
 fn init_logging() {
-    LOG.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_test_writer()
-                .try_init();
-        }
+    TELEMETRY.get_or_init(|| {
+        chat_runtime::telemetry::install("chat-tests", std::env::var_os("TEST_LOG").is_some())
     });
 }
 
@@ -55,6 +50,8 @@ pub struct Options {
     pub presence_ttl: Duration,
     pub send_rate: u32,
     pub send_burst: u32,
+    pub auth_rate_ip: u32,
+    pub login_rate_user: u32,
 }
 
 impl Default for Options {
@@ -66,6 +63,8 @@ impl Default for Options {
             presence_ttl: Duration::from_secs(20),
             send_rate: 1000,
             send_burst: 2000,
+            auth_rate_ip: 600,
+            login_rate_user: 10,
         }
     }
 }
@@ -149,6 +148,8 @@ impl TestEnv {
             presence_ttl: self.options.presence_ttl,
             send_rate: self.options.send_rate,
             send_burst: self.options.send_burst,
+            auth_rate_ip: self.options.auth_rate_ip,
+            login_rate_user: self.options.login_rate_user,
             outbound_queue: 4096,
         }
     }

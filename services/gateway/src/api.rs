@@ -2,7 +2,9 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chat_proto::envelope::{
@@ -28,15 +30,26 @@ fn credentials(body: &Bytes) -> Result<Credentials, ApiError> {
     })
 }
 
-pub(crate) async fn register(State(state): State<AppState>, body: Bytes) -> ApiResult {
+pub(crate) async fn register(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> ApiResult {
+    state.auth_limits.address(peer.ip())?;
     let creds = credentials(&body)?;
     let user: UserInfo = state.store(StoreOp::Register, &creds).await?;
     let body = json!({ "user_id": user.user_id, "username": user.username });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-pub(crate) async fn login(State(state): State<AppState>, body: Bytes) -> ApiResult {
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> ApiResult {
+    state.auth_limits.address(peer.ip())?;
     let creds = credentials(&body)?;
+    state.auth_limits.login(&creds.username)?;
     let user: UserInfo = state.store(StoreOp::Login, &creds).await?;
     let (token, expires_at) = state.tokens.issue(user.user_id);
     Ok(Json(json!({

@@ -61,8 +61,14 @@ impl Tokens {
 
     /// The user a valid, unexpired token names.
     pub(crate) fn verify(&self, token: &str) -> Option<UserId> {
+        self.verify_until(token).map(|(user, _)| user)
+    }
+
+    /// The user a valid, unexpired token names, and when it expires (seconds since the
+    /// epoch): a socket is closed then.
+    pub(crate) fn verify_until(&self, token: &str) -> Option<(UserId, u64)> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        data.claims.sub.parse().ok()
+        Some((data.claims.sub.parse().ok()?, data.claims.exp))
     }
 }
 

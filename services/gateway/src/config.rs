@@ -34,6 +34,12 @@ pub struct Config {
     /// ... and in a burst.
     #[arg(long, env = "CHAT_SEND_BURST", default_value_t = 400)]
     pub send_burst: u32,
+    /// Register and login requests one client address may make per minute.
+    #[arg(long, env = "CHAT_AUTH_RATE_IP", default_value_t = 600)]
+    pub auth_rate_ip: u32,
+    /// Login attempts per username per minute, from all addresses together.
+    #[arg(long, env = "CHAT_LOGIN_RATE_USER", default_value_t = 10)]
+    pub login_rate_user: u32,
     /// Frames queued for one socket before the client counts as not reading and is dropped
     /// (it reconnects and gets its backlog; nobody else waits for it).
     #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = 4096)]

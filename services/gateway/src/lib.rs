@@ -11,6 +11,7 @@ mod backend;
 mod config;
 mod error;
 mod ids;
+mod limits;
 mod send;
 mod sessions;
 mod settle;
@@ -34,6 +35,7 @@ use tower_http::trace::TraceLayer;
 
 pub use config::{Config, DEV_JWT_SECRET};
 pub use error::ApiError;
+pub use ws::TOKEN_EXPIRED;
 
 use auth::Tokens;
 use ids::MsgIds;
@@ -74,6 +76,8 @@ pub(crate) struct Inner {
     subjects: Subjects,
     config: Config,
     tokens: Tokens,
+    /// Brute-force limits of register and login.
+    auth_limits: limits::AuthLimits,
     ids: MsgIds,
     /// Identifies this process in heartbeats.
     gateway_id: String,
@@ -119,6 +123,7 @@ impl App {
             store_stream,
             subjects,
             tokens,
+            auth_limits: limits::AuthLimits::new(config.auth_rate_ip, config.login_rate_user),
             ids: MsgIds::default(),
             gateway_id: uuid::Uuid::new_v4().to_string(),
             known_users: Mutex::new(HashSet::new()),
@@ -168,7 +173,8 @@ impl App {
             shutdown.await;
             cancel.cancel();
         };
-        if let Err(e) = axum::serve(self.listener, routes)
+        let service = routes.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(self.listener, service)
             .with_graceful_shutdown(stopping)
             .await
         {

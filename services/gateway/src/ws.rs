@@ -44,6 +44,9 @@ const OUTGOING_QUEUE: usize = 256;
 /// Longest wait for the socket to take a backlog frame before the client counts as stuck.
 const BACKLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Close code when the socket's token expires (application range 4000-4999).
+pub const TOKEN_EXPIRED: u16 = 4001;
+
 #[derive(Deserialize)]
 pub(crate) struct TokenParam {
     token: Option<String>,
@@ -58,7 +61,7 @@ pub(crate) async fn upgrade(
 ) -> Response {
     let from_query = query.ok().and_then(|Query(q)| q.token);
     let token = bearer(&headers).map(str::to_owned).or(from_query);
-    let Some(user) = token.and_then(|t| state.tokens.verify(&t)) else {
+    let Some((user, expires)) = token.and_then(|t| state.tokens.verify_until(&t)) else {
         return ApiError::new(ErrorCode::Unauthorized, "a valid token is required").into_response();
     };
     let ws = match ws {
@@ -72,7 +75,7 @@ pub(crate) async fn upgrade(
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
-            run(state, socket, user).await;
+            run(state, socket, user, expires).await;
             drop(alive);
         })
 }
@@ -90,6 +93,8 @@ enum End {
     SlowReader,
     /// Nothing heard within the silence limit.
     Silent,
+    /// The token the socket was opened with expired: log in again.
+    TokenExpired,
     /// NATS or the store failed us.
     Internal,
 }
@@ -102,6 +107,7 @@ impl End {
             End::Shutdown => (1001, "server going away; reconnect"),
             End::SlowReader => (1008, "not reading fast enough; reconnect"),
             End::Silent => (1001, "no answer to pings"),
+            End::TokenExpired => (TOKEN_EXPIRED, "token expired; log in again"),
             End::Internal => (1011, "internal error; reconnect"),
         };
         Some(CloseFrame {
@@ -131,7 +137,7 @@ struct Connection {
     last_heard: Instant,
 }
 
-async fn run(state: AppState, socket: WebSocket, user: UserId) {
+async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
     let session_id = Uuid::new_v4().to_string();
     let span = tracing::info_span!("gateway.connection", user_id = user, session_id = %session_id);
     async {
@@ -183,7 +189,9 @@ async fn run(state: AppState, socket: WebSocket, user: UserId) {
             last_heard: Instant::now(),
         };
         conn.seen.set_grow(true);
-        let end = conn.serve(stream, sub, backlog_rx).await;
+        let left = Duration::from_secs(expires)
+            .saturating_sub(Duration::from_millis(chat_proto::now_ms() as u64));
+        let end = conn.serve(stream, sub, backlog_rx, left).await;
         tracing::debug!(?end, "connection ends");
 
         backlog.abort();
@@ -272,13 +280,17 @@ impl Connection {
         mut stream: SplitStream<WebSocket>,
         mut sub: async_nats::Subscriber,
         mut backlog: mpsc::Receiver<BacklogEvent>,
+        token_left: Duration,
     ) -> End {
+        let expiry = tokio::time::sleep(token_left);
+        tokio::pin!(expiry);
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         let cancel = self.state.cancel.clone();
         loop {
             let step = tokio::select! {
                 () = cancel.cancelled() => Err(End::Shutdown),
+                () = &mut expiry => Err(End::TokenExpired),
                 frame = stream.next() => match frame {
                     None => Err(End::ClientGone),
                     Some(Err(e)) => Err(read_error(e)),
