@@ -5,6 +5,7 @@
 mod api;
 mod backlog;
 mod errors;
+mod faults;
 mod history;
 mod messaging;
 mod presence;

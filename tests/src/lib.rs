@@ -24,6 +24,11 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod procs;
+pub mod traffic;
+
+use procs::Proc;
+
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
@@ -52,6 +57,10 @@ pub struct Options {
     pub send_burst: u32,
     pub auth_rate_ip: u32,
     pub login_rate_user: u32,
+    /// How long router and store leave a message unacked before JetStream redelivers it.
+    pub ack_wait: Duration,
+    /// Run the services as real processes (which a test can kill) instead of in-process.
+    pub processes: bool,
 }
 
 impl Default for Options {
@@ -65,13 +74,51 @@ impl Default for Options {
             send_burst: 2000,
             auth_rate_ip: 600,
             login_rate_user: 10,
+            ack_wait: Duration::from_secs(30),
+            processes: false,
         }
     }
 }
 
-struct Service {
-    cancel: CancellationToken,
-    task: JoinHandle<()>,
+/// A running service: a task in this process, or a child process.
+enum Service {
+    Task {
+        cancel: CancellationToken,
+        task: JoinHandle<()>,
+    },
+    Process(Box<Proc>),
+}
+
+impl Service {
+    /// Stops it as SIGTERM would and waits for it.
+    async fn stop(&mut self) {
+        match self {
+            Service::Task { cancel, task } => {
+                cancel.cancel();
+                let _ = task.await;
+            }
+            Service::Process(p) => p.terminate(Duration::from_secs(15)).await,
+        }
+    }
+
+    fn abort(&mut self) {
+        match self {
+            Service::Task { cancel, task } => {
+                cancel.cancel();
+                task.abort();
+            }
+            Service::Process(p) => p.kill_now(),
+        }
+    }
+
+    fn into_process(self) -> Proc {
+        match self {
+            Service::Process(p) => *p,
+            Service::Task { .. } => {
+                panic!("only services started with `processes: true` can be killed")
+            }
+        }
+    }
 }
 
 /// One test's private deployment.
@@ -81,7 +128,8 @@ pub struct TestEnv {
     pub options: Options,
     pub jwt_secret: String,
     gateways: Vec<(SocketAddr, Service)>,
-    backends: Vec<Service>,
+    routers: Vec<Service>,
+    stores: Vec<Service>,
     http: reqwest::Client,
     cleaned: bool,
 }
@@ -114,7 +162,8 @@ impl TestEnv {
             options: options.clone(),
             jwt_secret: format!("test-secret-{suffix}"),
             gateways: Vec::new(),
-            backends: Vec::new(),
+            routers: Vec::new(),
+            stores: Vec::new(),
             http: reqwest::Client::new(),
             cleaned: false,
         };
@@ -154,46 +203,112 @@ impl TestEnv {
         }
     }
 
+    fn common_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NATS_URL".into(), NATS_URL.into()),
+            ("CHAT_NAMESPACE".into(), self.subjects.namespace().into()),
+            (
+                "CHAT_ACK_WAIT".into(),
+                format!("{}ms", self.options.ack_wait.as_millis()),
+            ),
+            (
+                "CHAT_PRESENCE_TTL".into(),
+                format!("{}ms", self.options.presence_ttl.as_millis()),
+            ),
+        ]
+    }
+
     pub async fn start_store(&mut self) {
-        let config = chat_store::Config {
-            common: self.common(),
-            database_url: self.database_url(),
-            migrate_only: false,
+        let service = if self.options.processes {
+            let mut env = self.common_env();
+            env.push(("DATABASE_URL".into(), self.database_url()));
+            Service::Process(Box::new(Proc::start("chat-store", env).await))
+        } else {
+            let config = chat_store::Config {
+                common: self.common(),
+                database_url: self.database_url(),
+                migrate_only: false,
+                ack_wait: self.options.ack_wait,
+            };
+            let app = chat_store::App::build(config)
+                .await
+                .unwrap_or_else(|e| panic!("store does not start: {e}"));
+            spawn(|stop| app.run_until(stop))
         };
-        let app = chat_store::App::build(config)
-            .await
-            .unwrap_or_else(|e| panic!("store does not start: {e}"));
-        self.backends.push(spawn(|stop| app.run_until(stop)));
+        self.stores.push(service);
     }
 
     pub async fn start_router(&mut self) {
-        let config = chat_router::Config {
-            common: self.common(),
-            redis_url: REDIS_URL.into(),
-            presence_ttl: self.options.presence_ttl,
+        let service = if self.options.processes {
+            let mut env = self.common_env();
+            env.push(("REDIS_URL".into(), REDIS_URL.into()));
+            Service::Process(Box::new(Proc::start("chat-router", env).await))
+        } else {
+            let config = chat_router::Config {
+                common: self.common(),
+                redis_url: REDIS_URL.into(),
+                presence_ttl: self.options.presence_ttl,
+                ack_wait: self.options.ack_wait,
+            };
+            let app = chat_router::App::build(config)
+                .await
+                .unwrap_or_else(|e| panic!("router does not start: {e}"));
+            spawn(|stop| app.run_until(stop))
         };
-        let app = chat_router::App::build(config)
-            .await
-            .unwrap_or_else(|e| panic!("router does not start: {e}"));
-        self.backends.push(spawn(|stop| app.run_until(stop)));
+        self.routers.push(service);
     }
 
     /// Starts another gateway; returns its index.
     pub async fn start_gateway(&mut self) -> usize {
-        let app = chat_gateway::App::build(self.gateway_config())
-            .await
-            .unwrap_or_else(|e| panic!("gateway does not start: {e}"));
-        let addr = app.local_addr();
-        self.gateways
-            .push((addr, spawn(|stop| app.run_until(stop))));
+        let (addr, service) = if self.options.processes {
+            let addr = free_port();
+            let c = self.gateway_config();
+            let mut env = self.common_env();
+            env.extend([
+                ("CHAT_HTTP_ADDR".into(), addr.to_string()),
+                ("CHAT_JWT_SECRET".into(), c.jwt_secret),
+                ("CHAT_SEND_RATE".into(), c.send_rate.to_string()),
+                ("CHAT_SEND_BURST".into(), c.send_burst.to_string()),
+                ("CHAT_AUTH_RATE_IP".into(), c.auth_rate_ip.to_string()),
+                ("CHAT_LOGIN_RATE_USER".into(), c.login_rate_user.to_string()),
+            ]);
+            (
+                addr,
+                Service::Process(Box::new(Proc::start("chat-gateway", env).await)),
+            )
+        } else {
+            let app = chat_gateway::App::build(self.gateway_config())
+                .await
+                .unwrap_or_else(|e| panic!("gateway does not start: {e}"));
+            (app.local_addr(), spawn(|stop| app.run_until(stop)))
+        };
+        self.gateways.push((addr, service));
         self.gateways.len() - 1
+    }
+
+    /// Takes router `i`'s process out (with `processes: true`), to kill and restart while
+    /// the env is borrowed elsewhere; [`TestEnv::put_back`] returns it.
+    pub fn take_router(&mut self, i: usize) -> Proc {
+        self.routers.remove(i).into_process()
+    }
+
+    /// Takes store `i`'s process out, like [`TestEnv::take_router`].
+    pub fn take_store(&mut self, i: usize) -> Proc {
+        self.stores.remove(i).into_process()
+    }
+
+    /// Returns a process taken out, so `finish` stops it.
+    pub fn put_back(&mut self, p: Proc) {
+        self.stores.push(Service::Process(Box::new(p)));
     }
 
     /// Stops gateway `i` the way SIGTERM does, and waits until it has.
     pub async fn stop_gateway(&mut self, i: usize) {
-        let service = &mut self.gateways[i].1;
-        service.cancel.cancel();
-        (&mut service.task).await.expect("gateway task");
+        self.gateways[i].1.stop().await;
+    }
+
+    pub fn gateway_count(&self) -> usize {
+        self.gateways.len()
     }
 
     pub fn base_url(&self, gateway: usize) -> String {
@@ -271,17 +386,11 @@ impl TestEnv {
 
     /// Stops every service and removes the namespace's streams and keys and the database.
     pub async fn finish(mut self) {
-        for (_, s) in &self.gateways {
-            s.cancel.cancel();
+        for (_, s) in &mut self.gateways {
+            s.stop().await;
         }
-        for (_, s) in self.gateways.drain(..) {
-            let _ = s.task.await;
-        }
-        for s in &self.backends {
-            s.cancel.cancel();
-        }
-        for s in self.backends.drain(..) {
-            let _ = s.task.await;
+        for s in self.routers.iter_mut().chain(&mut self.stores) {
+            s.stop().await;
         }
         if let Err(e) = cleanup(&self.subjects, &self.database).await {
             panic!("cleanup failed: {e:#}");
@@ -297,9 +406,9 @@ impl Drop for TestEnv {
         if self.cleaned {
             return;
         }
-        for s in self.gateways.iter().map(|(_, s)| s).chain(&self.backends) {
-            s.cancel.cancel();
-            s.task.abort();
+        let all = self.gateways.iter_mut().map(|(_, s)| s);
+        for s in all.chain(&mut self.routers).chain(&mut self.stores) {
+            s.abort();
         }
         let (subjects, database) = (self.subjects.clone(), self.database.clone());
         let _ = std::thread::spawn(move || {
@@ -323,7 +432,13 @@ where
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
     let task = tokio::spawn(run(Box::pin(async move { stop.cancelled().await })));
-    Service { cancel, task }
+    Service::Task { cancel, task }
+}
+
+/// A loopback address with a port free a moment ago, for a gateway process.
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("an address")
 }
 
 /// Deletes the namespace's streams, its Redis keys and the database.
@@ -422,6 +537,26 @@ impl Client {
                 .ok_or_else(|| anyhow!("socket closed"))??;
             match msg {
                 WsMessage::Text(t) => return serde_json::from_str(&t).context("frame is JSON"),
+                WsMessage::Close(frame) => bail!("socket closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame, waiting at most `wait`: `Ok(None)` when none came, `Err` when the
+    /// socket closed.
+    pub async fn recv(&mut self, wait: Duration) -> Result<Option<Value>> {
+        if let Some(v) = self.unread.pop_front() {
+            return Ok(Some(v));
+        }
+        loop {
+            let msg = match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return Ok(None),
+                Ok(None) => bail!("socket closed"),
+                Ok(Some(m)) => m?,
+            };
+            match msg {
+                WsMessage::Text(t) => return Ok(Some(serde_json::from_str(&t)?)),
                 WsMessage::Close(frame) => bail!("socket closed: {frame:?}"),
                 _ => continue,
             }

@@ -174,6 +174,7 @@ impl App {
             cancel.cancel();
         };
         let service = routes.into_make_service_with_connect_info::<SocketAddr>();
+        tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "chat-gateway serving");
         if let Err(e) = axum::serve(self.listener, service)
             .with_graceful_shutdown(stopping)
             .await
@@ -199,7 +200,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let app = App::build(config).await?;
-    tracing::info!(addr = %app.local_addr(), "gateway listening");
     app.run_until(shutdown).await;
     Ok(())
 }

@@ -20,4 +20,8 @@ pub struct Config {
     /// crashed gateway's users keep showing online. Gateways beat at a third of it.
     #[arg(long, env = "CHAT_PRESENCE_TTL", default_value = "20s", value_parser = chat_runtime::parse_duration)]
     pub presence_ttl: Duration,
+    /// How long a message handed to this service may stay unacknowledged before JetStream
+    /// gives it to another replica: the pause after a crash before its work is redone.
+    #[arg(long, env = "CHAT_ACK_WAIT", default_value = "30s", value_parser = chat_runtime::parse_duration)]
+    pub ack_wait: std::time::Duration,
 }

@@ -28,7 +28,6 @@ use presence::Presence;
 
 /// In-stream messages routed per batch at most.
 const BATCH: usize = 256;
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Presence messages handled at once per subscription.
 const CONCURRENCY: usize = 64;
 
@@ -68,7 +67,7 @@ impl App {
         let js = jetstream::new(client.clone());
         let (in_stream, _) = nats::ensure_streams(&js, &subjects).await?;
         let consumer =
-            nats::durable_consumer(&in_stream, subjects.router_consumer(), ACK_WAIT).await?;
+            nats::durable_consumer(&in_stream, subjects.router_consumer(), config.ack_wait).await?;
         let group = subjects.queue_group("router");
         let subs = [
             client
@@ -134,6 +133,7 @@ impl App {
                 async move { routing::route_batch(&s, batch).await }
             },
         ));
+        tracing::info!("chat-router serving");
         shutdown.await;
         cancel.cancel();
         tasks.close();

@@ -21,4 +21,8 @@ pub struct Config {
     /// Apply pending migrations, then exit.
     #[arg(long)]
     pub migrate_only: bool,
+    /// How long a message handed to this service may stay unacknowledged before JetStream
+    /// gives it to another replica: the pause after a crash before its work is redone.
+    #[arg(long, env = "CHAT_ACK_WAIT", default_value = "30s", value_parser = chat_runtime::parse_duration)]
+    pub ack_wait: std::time::Duration,
 }

@@ -17,7 +17,6 @@ mod users;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use chat_proto::Subjects;
@@ -31,8 +30,6 @@ pub use error::Error;
 
 /// Store stream messages handled per batch (and per transaction) at most.
 const BATCH: usize = 256;
-/// Redelivery of unacked store work after a crash.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Cheap-to-clone handles every handler needs.
 #[derive(Clone)]
@@ -60,7 +57,8 @@ impl App {
         let js = jetstream::new(client.clone());
         let (_, store_stream) = nats::ensure_streams(&js, &subjects).await?;
         let consumer =
-            nats::durable_consumer(&store_stream, subjects.store_consumer(), ACK_WAIT).await?;
+            nats::durable_consumer(&store_stream, subjects.store_consumer(), config.ack_wait)
+                .await?;
         let rpc = client
             .queue_subscribe(subjects.rpc_all(), subjects.queue_group("store"))
             .await?;
@@ -91,6 +89,7 @@ impl App {
                 async move { consumer::handle_batch(&state, batch).await }
             },
         ));
+        tracing::info!("chat-store serving");
         shutdown.await;
         cancel.cancel();
         tasks.close();
