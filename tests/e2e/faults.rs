@@ -132,3 +132,74 @@ async fn poison_messages_are_dead_lettered_and_traffic_goes_on() {
     .await;
     env.finish().await;
 }
+
+/// Scenarios 3 and 4: `kill -9` a gateway that holds half the senders and recipients; their
+/// clients reconnect to the other gateway, resend what had no `sent` with the same
+/// client_id, and get what they had not acked: nothing lost, nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_traffic_loses_and_doubles_nothing() {
+    let (mut env, users) = process_env().await;
+    env.start_gateway().await;
+    let urls = vec![env.ws_url(0), env.ws_url(1)];
+    let mut gateway = env.take_gateway(0);
+    let (report, gateway) = traffic(&users)
+        .run(urls, |progress| async move {
+            progress.until_sent(400).await;
+            gateway.kill9().await;
+            progress.until_sent(700).await;
+            gateway.restart().await;
+            gateway
+        })
+        .await;
+    assert!(
+        report.reconnects >= USERS / 2,
+        "the killed gateway's clients reconnected"
+    );
+    env.put_back_gateway(0, gateway);
+    report.check(&env).await;
+    env.finish().await;
+}
+
+/// Scenario 4, presence: a user whose gateway dies shows offline to peers within the
+/// presence TTL (2 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_gateways_users_go_offline_within_the_ttl() {
+    let mut env = TestEnv::start(Options {
+        processes: true,
+        gateways: 2,
+        presence_ttl: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect_to(&a, 1).await;
+    ca.backlog().await;
+    ca.send_and_confirm(b.id, "hi", "hi").await;
+    chat_tests::eventually("conversation stored", || async {
+        let (_, list) = env.get(&a, "/api/v1/conversations").await;
+        (list["conversations"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let mut cb = env.connect_to(&b, 0).await;
+    cb.backlog().await;
+    ca.expect("B online", |v| {
+        v["type"] == "presence" && v["user_id"] == b.id && v["online"] == true
+    })
+    .await;
+    let mut gateway = env.take_gateway(0);
+    gateway.kill9().await;
+    let killed = std::time::Instant::now();
+    let p = ca
+        .expect("B offline", |v| {
+            v["type"] == "presence" && v["user_id"] == b.id
+        })
+        .await;
+    assert_eq!(p["online"], false);
+    assert!(
+        killed.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500),
+        "{:?}",
+        killed.elapsed()
+    );
+    env.put_back(gateway);
+    env.finish().await;
+}

@@ -87,6 +87,8 @@ enum Service {
         task: JoinHandle<()>,
     },
     Process(Box<Proc>),
+    /// Taken out by the test (`take_gateway`).
+    Stopped,
 }
 
 impl Service {
@@ -98,6 +100,7 @@ impl Service {
                 let _ = task.await;
             }
             Service::Process(p) => p.terminate(Duration::from_secs(15)).await,
+            Service::Stopped => {}
         }
     }
 
@@ -108,13 +111,14 @@ impl Service {
                 task.abort();
             }
             Service::Process(p) => p.kill_now(),
+            Service::Stopped => {}
         }
     }
 
     fn into_process(self) -> Proc {
         match self {
             Service::Process(p) => *p,
-            Service::Task { .. } => {
+            Service::Task { .. } | Service::Stopped => {
                 panic!("only services started with `processes: true` can be killed")
             }
         }
@@ -295,6 +299,19 @@ impl TestEnv {
     /// Takes store `i`'s process out, like [`TestEnv::take_router`].
     pub fn take_store(&mut self, i: usize) -> Proc {
         self.stores.remove(i).into_process()
+    }
+
+    /// Takes gateway `i`'s process out, like [`TestEnv::take_router`]; its address stays,
+    /// so `ws_url(i)` still names it (and a restart listens there again).
+    pub fn take_gateway(&mut self, i: usize) -> Proc {
+        let (addr, service) = self.gateways.remove(i);
+        self.gateways.insert(i, (addr, Service::Stopped));
+        service.into_process()
+    }
+
+    /// Returns gateway `i`'s process (restarted or not) to its place.
+    pub fn put_back_gateway(&mut self, i: usize, p: Proc) {
+        self.gateways[i].1 = Service::Process(Box::new(p));
     }
 
     /// Returns a process taken out, so `finish` stops it.
@@ -504,6 +521,12 @@ impl Client {
             .send(WsMessage::text(text.to_owned()))
             .await
             .expect("socket accepts a frame");
+    }
+
+    /// Sends a frame; `Err` when the socket is gone.
+    pub async fn try_send_json(&mut self, value: Value) -> Result<()> {
+        self.ws.send(WsMessage::text(value.to_string())).await?;
+        Ok(())
     }
 
     pub async fn send_json(&mut self, value: Value) {

@@ -179,7 +179,10 @@ async fn client_loop(
                 let p = &mine[next];
                 if !confirmed.contains(&p.seq) {
                     let frame = json!({"type": "send", "client_id": format!("k{}", p.seq), "to": ids[p.to], "body": body(p.seq)});
-                    client.send_json(frame).await;
+                    if client.try_send_json(frame).await.is_err() {
+                        reconnects += 1;
+                        continue 'connection;
+                    }
                 }
                 next += 1;
                 due = Instant::now() + pace;
@@ -219,20 +222,26 @@ async fn client_loop(
                 Some("message") => {
                     let msg_id = frame["msg_id"].as_str().unwrap().to_owned();
                     let from = index[&frame["from"].as_i64().unwrap()];
-                    assert_ne!(from, me, "only messages to me: {frame}");
-                    if got.insert(msg_id.clone()) {
-                        client
-                            .send_json(json!({"type": "ack", "msg_ids": [msg_id.clone()]}))
-                            .await;
-                    } else {
-                        duplicates += 1;
+                    if from == me {
+                        // A copy of my own message, as sent from "another device" (this
+                        // user's connection that died before its `sent`).
+                        continue;
                     }
                     *seen
                         .lock()
                         .unwrap()
                         .received
-                        .entry((me, msg_id))
+                        .entry((me, msg_id.clone()))
                         .or_default() += 1;
+                    if got.insert(msg_id.clone()) {
+                        let ack = json!({"type": "ack", "msg_ids": [msg_id.clone()]});
+                        if client.try_send_json(ack).await.is_err() {
+                            reconnects += 1;
+                            continue 'connection;
+                        }
+                    } else {
+                        duplicates += 1;
+                    }
                 }
                 _ => {}
             }
