@@ -329,4 +329,87 @@ mod tests {
         let done = ServerFrame::BacklogDone { count: 3 }.to_json();
         assert_eq!(done, r#"{"type":"backlog_done","count":3}"#);
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                ".{0,40}".prop_map(serde_json::Value::from),
+                prop_oneof![
+                    Just("send"),
+                    Just("ack"),
+                    Just("read"),
+                    Just("typing"),
+                    Just("ping")
+                ]
+                .prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                    prop::collection::hash_map(
+                        prop_oneof![
+                            Just("type".to_owned()),
+                            Just("to".to_owned()),
+                            Just("body".to_owned()),
+                            Just("client_id".to_owned()),
+                            Just("msg_ids".to_owned()),
+                            Just("peer".to_owned()),
+                            Just("up_to".to_owned()),
+                            ".{0,8}"
+                        ],
+                        inner,
+                        0..8
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Arbitrary text never panics the parser, and every refusal has a message.
+            #[test]
+            fn any_text_is_parsed_or_refused(text in ".{0,300}") {
+                if let Err(e) = parse_client_frame(&text) {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+
+            /// Arbitrary JSON shaped like frames: parsed into a frame that satisfies every
+            /// limit, or refused with a protocol code.
+            #[test]
+            fn frame_shaped_json_is_validated(value in json_value()) {
+                match parse_client_frame(&value.to_string()) {
+                    Ok(ClientFrame::Send(s)) => {
+                        prop_assert!(!s.body.is_empty() && s.body.chars().count() <= MAX_BODY_CHARS);
+                        prop_assert!(!s.client_id.is_empty() && s.client_id.chars().count() <= MAX_CLIENT_ID_CHARS);
+                    }
+                    Ok(ClientFrame::Ack { msg_ids }) => {
+                        prop_assert!(!msg_ids.is_empty() && msg_ids.len() <= MAX_ACK_IDS);
+                        prop_assert!(msg_ids.iter().all(|id| valid_msg_id(id)));
+                    }
+                    Ok(ClientFrame::Read { up_to, .. }) => prop_assert!(valid_msg_id(&up_to)),
+                    Ok(_) => {}
+                    Err(e) => prop_assert!(matches!(
+                        e.code,
+                        ErrorCode::BadRequest | ErrorCode::UnknownType | ErrorCode::EmptyBody | ErrorCode::BodyTooLong
+                    )),
+                }
+            }
+
+            /// A valid send round-trips whatever its text.
+            #[test]
+            fn valid_sends_keep_their_text(client_id in ".{1,64}", body in ".{1,200}", to in any::<i64>()) {
+                let frame = serde_json::json!({"type": "send", "client_id": client_id, "to": to, "body": body});
+                let parsed = parse_client_frame(&frame.to_string());
+                prop_assert_eq!(parsed, Ok(ClientFrame::Send(Send { client_id, to, body })));
+            }
+        }
+    }
 }

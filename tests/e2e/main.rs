@@ -2,6 +2,7 @@
 //! real WebSocket and HTTP clients. One binary, one module per capability; every test starts
 //! its own deployment (`chat_tests::TestEnv`) in its own namespace and database.
 
+mod abuse;
 mod api;
 mod backlog;
 mod errors;

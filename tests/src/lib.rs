@@ -59,6 +59,8 @@ pub struct Options {
     pub login_rate_user: u32,
     /// How long router and store leave a message unacked before JetStream redelivers it.
     pub ack_wait: Duration,
+    /// Frames queued per socket before a non-reading client is dropped.
+    pub outbound_queue: usize,
     /// Run the services as real processes (which a test can kill) instead of in-process.
     pub processes: bool,
 }
@@ -75,6 +77,7 @@ impl Default for Options {
             auth_rate_ip: 600,
             login_rate_user: 10,
             ack_wait: Duration::from_secs(30),
+            outbound_queue: 4096,
             processes: false,
         }
     }
@@ -203,7 +206,7 @@ impl TestEnv {
             send_burst: self.options.send_burst,
             auth_rate_ip: self.options.auth_rate_ip,
             login_rate_user: self.options.login_rate_user,
-            outbound_queue: 4096,
+            outbound_queue: self.options.outbound_queue,
         }
     }
 
@@ -275,6 +278,7 @@ impl TestEnv {
                 ("CHAT_SEND_BURST".into(), c.send_burst.to_string()),
                 ("CHAT_AUTH_RATE_IP".into(), c.auth_rate_ip.to_string()),
                 ("CHAT_LOGIN_RATE_USER".into(), c.login_rate_user.to_string()),
+                ("CHAT_OUTBOUND_QUEUE".into(), c.outbound_queue.to_string()),
             ]);
             (
                 addr,
