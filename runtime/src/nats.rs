@@ -119,10 +119,19 @@ pub async fn durable_consumer(
         })
 }
 
+/// How long one pull request stays open at the server. Each is renewed when it ends, so a
+/// request lost to a NATS restart is replaced within this (plus a margin).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Messages one pull request asks for; they are handed on in chunks as they arrive.
+const PULL_MAX: usize = 2000;
+
 /// Feeds `handle` with batches of whatever messages are ready (up to `batch`) until `cancel`
 /// fires, then returns after the batch in hand is handled. The handler acks, naks or
-/// terminates each message itself. Broken pulls (NATS restarting, the consumer missing for a
-/// moment) are logged and retried: this loop only ends on cancellation.
+/// terminates each message itself.
+///
+/// Pull requests are short-lived and renewed (rather than one endless `messages()` stream),
+/// and a request that neither delivers nor ends in time is given up: after NATS restarts,
+/// the consumer is pulling again within seconds. This loop only ends on cancellation.
 pub async fn consume<F, Fut>(
     consumer: consumer::PullConsumer,
     batch: usize,
@@ -134,14 +143,13 @@ pub async fn consume<F, Fut>(
 {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+        let pull = consumer
+            .batch()
+            .max_messages(PULL_MAX)
+            .expires(PULL_EXPIRES)
             .messages()
             .await;
-        let mut chunks = match messages {
+        let mut chunks = match pull {
             Ok(m) => m.ready_chunks(batch),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pull from JetStream; retrying");
@@ -156,9 +164,17 @@ pub async fn consume<F, Fut>(
         loop {
             let next = tokio::select! {
                 () = cancel.cancelled() => return,
-                next = chunks.next() => next,
+                next = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), chunks.next()) => next,
             };
-            let Some(items) = next else { break };
+            let items = match next {
+                Ok(Some(items)) => items,
+                // The request ended (expired or full): pull again.
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("a pull request went silent (NATS restarted?); pulling again");
+                    break;
+                }
+            };
             let mut ready = Vec::with_capacity(items.len());
             for item in items {
                 match item {

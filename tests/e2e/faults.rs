@@ -203,3 +203,70 @@ async fn a_crashed_gateways_users_go_offline_within_the_ttl() {
     env.put_back(gateway);
     env.finish().await;
 }
+
+/// Scenario 5: NATS (JetStream on file storage) killed and restarted mid-traffic: nothing
+/// that got `sent` is lost; every service reconnects by itself; clients see a pause (and
+/// `internal` answers they retry with the same client_id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_mid_traffic_loses_nothing() {
+    let mut nats = chat_tests::servers::Server::nats().await;
+    let env = TestEnv::start(Options {
+        processes: true,
+        ack_wait: Duration::from_secs(2),
+        nats_url: Some(format!("nats://{}", nats.addr)),
+        ..Options::default()
+    })
+    .await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(env.user(&format!("user{i}")).await);
+    }
+    let (report, nats) = traffic(&users)
+        .run(vec![env.ws_url(0)], |progress| async move {
+            progress.until_sent(300).await;
+            nats.restart().await;
+            nats
+        })
+        .await;
+    report.check(&env).await;
+    env.finish().await;
+    drop(nats);
+}
+
+/// Scenario 6: Redis (which keeps nothing) restarted mid-traffic: messages still arrive (the
+/// store's path does not need presence), and presence rebuilds from the gateways' heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
+    let mut redis = chat_tests::servers::Server::redis().await;
+    let env = TestEnv::start(Options {
+        processes: true,
+        ack_wait: Duration::from_secs(2),
+        presence_ttl: Duration::from_secs(3),
+        redis_url: Some(format!("redis://{}", redis.addr)),
+        ..Options::default()
+    })
+    .await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(env.user(&format!("user{i}")).await);
+    }
+    let watcher = env.user("watcher").await;
+    let mut online = env.connect(&users[0]).await;
+    online.backlog().await;
+    let (report, redis) = traffic(&users)
+        .run(vec![env.ws_url(0)], |progress| async move {
+            progress.until_sent(300).await;
+            redis.restart().await;
+            redis
+        })
+        .await;
+    report.check(&env).await;
+    // users[0] stayed connected throughout: the heartbeat put it back in the empty Redis.
+    chat_tests::eventually("presence rebuilt", || async {
+        let (_, found) = env.get(&watcher, "/api/v1/users?q=user0").await;
+        (found["users"][0]["online"] == true).then_some(())
+    })
+    .await;
+    env.finish().await;
+    drop(redis);
+}

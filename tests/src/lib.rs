@@ -25,6 +25,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod procs;
+pub mod servers;
 pub mod traffic;
 
 use procs::Proc;
@@ -61,6 +62,9 @@ pub struct Options {
     pub ack_wait: Duration,
     /// Frames queued per socket before a non-reading client is dropped.
     pub outbound_queue: usize,
+    /// NATS and Redis to use instead of the machine's (a test's private servers).
+    pub nats_url: Option<String>,
+    pub redis_url: Option<String>,
     /// Run the services as real processes (which a test can kill) instead of in-process.
     pub processes: bool,
 }
@@ -78,6 +82,8 @@ impl Default for Options {
             login_rate_user: 10,
             ack_wait: Duration::from_secs(30),
             outbound_queue: 4096,
+            nats_url: None,
+            redis_url: None,
             processes: false,
         }
     }
@@ -187,8 +193,20 @@ impl TestEnv {
         env
     }
 
+    fn urls(&self) -> (String, String) {
+        (self.nats_url().to_owned(), self.redis_url().to_owned())
+    }
+
     fn common(&self) -> CommonConfig {
-        CommonConfig::new(NATS_URL, self.subjects.clone())
+        CommonConfig::new(self.nats_url(), self.subjects.clone())
+    }
+
+    pub fn nats_url(&self) -> &str {
+        self.options.nats_url.as_deref().unwrap_or(NATS_URL)
+    }
+
+    pub fn redis_url(&self) -> &str {
+        self.options.redis_url.as_deref().unwrap_or(REDIS_URL)
     }
 
     pub fn database_url(&self) -> String {
@@ -212,7 +230,7 @@ impl TestEnv {
 
     fn common_env(&self) -> Vec<(String, String)> {
         vec![
-            ("NATS_URL".into(), NATS_URL.into()),
+            ("NATS_URL".into(), self.nats_url().into()),
             ("CHAT_NAMESPACE".into(), self.subjects.namespace().into()),
             (
                 "CHAT_ACK_WAIT".into(),
@@ -248,12 +266,12 @@ impl TestEnv {
     pub async fn start_router(&mut self) {
         let service = if self.options.processes {
             let mut env = self.common_env();
-            env.push(("REDIS_URL".into(), REDIS_URL.into()));
+            env.push(("REDIS_URL".into(), self.redis_url().into()));
             Service::Process(Box::new(Proc::start("chat-router", env).await))
         } else {
             let config = chat_router::Config {
                 common: self.common(),
-                redis_url: REDIS_URL.into(),
+                redis_url: self.redis_url().into(),
                 presence_ttl: self.options.presence_ttl,
                 ack_wait: self.options.ack_wait,
             };
@@ -413,7 +431,7 @@ impl TestEnv {
         for s in self.routers.iter_mut().chain(&mut self.stores) {
             s.stop().await;
         }
-        if let Err(e) = cleanup(&self.subjects, &self.database).await {
+        if let Err(e) = cleanup(&self.urls(), &self.subjects, &self.database).await {
             panic!("cleanup failed: {e:#}");
         }
         self.cleaned = true;
@@ -431,13 +449,14 @@ impl Drop for TestEnv {
         for s in all.chain(&mut self.routers).chain(&mut self.stores) {
             s.abort();
         }
-        let (subjects, database) = (self.subjects.clone(), self.database.clone());
+        let (urls, subjects, database) =
+            (self.urls(), self.subjects.clone(), self.database.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime");
-            if let Err(e) = rt.block_on(cleanup(&subjects, &database)) {
+            if let Err(e) = rt.block_on(cleanup(&urls, &subjects, &database)) {
                 eprintln!("cleanup of {database} failed: {e:#}");
             }
         })
@@ -463,13 +482,13 @@ fn free_port() -> SocketAddr {
 }
 
 /// Deletes the namespace's streams, its Redis keys and the database.
-pub async fn cleanup(subjects: &Subjects, database: &str) -> Result<()> {
-    let nats = async_nats::connect(NATS_URL).await?;
+pub async fn cleanup(urls: &(String, String), subjects: &Subjects, database: &str) -> Result<()> {
+    let nats = async_nats::connect(urls.0.as_str()).await?;
     let js = async_nats::jetstream::new(nats);
     for stream in [subjects.in_stream(), subjects.store_stream()] {
         let _ = js.delete_stream(&stream).await;
     }
-    let redis = redis::Client::open(REDIS_URL)?;
+    let redis = redis::Client::open(urls.1.as_str())?;
     let mut con = redis.get_multiplexed_async_connection().await?;
     let pattern = format!("{}*", subjects.redis_prefix());
     let keys: Vec<String> = redis::cmd("KEYS")

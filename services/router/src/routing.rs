@@ -53,12 +53,18 @@ pub(crate) async fn route_batch(state: &State, batch: Vec<jetstream::Message>) {
             .await;
         in_flight.push((span, live, ack));
     }
-    for ((msg, m), (span, live, ack)) in items.into_iter().zip(in_flight) {
-        async {
+    // Wait for every PubAck at once: a batch costs at most one timeout, not one per message.
+    let held =
+        futures::future::join_all(in_flight.into_iter().map(|(span, live, ack)| async move {
             let held = match ack {
                 Ok(pending) => pending.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
+            (span, live, held)
+        }))
+        .await;
+    for ((msg, m), (span, live, held)) in items.into_iter().zip(held) {
+        async {
             if let Err(e) = held {
                 tracing::warn!(error = %e, "store stream did not take the message; redelivering");
                 let _ = msg.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;

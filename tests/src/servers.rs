@@ -1,0 +1,115 @@
+//! Private NATS and Redis servers on ports of their own, for tests that stop and restart
+//! them without disturbing the other tests, which share the machine's servers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+use crate::eventually;
+
+/// A server process that can be killed and started again with the same port and data.
+pub struct Server {
+    program: &'static str,
+    args: Vec<String>,
+    pub addr: SocketAddr,
+    /// Its data directory, removed on drop.
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// nats-server with JetStream on file storage in a directory of its own.
+    pub async fn nats() -> Server {
+        let addr = crate::free_port();
+        let dir = std::env::temp_dir().join(format!("chat-nats-{}", addr.port()));
+        let args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            addr.port().to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.display().to_string(),
+        ];
+        Server::start("nats-server", args, addr, dir).await
+    }
+
+    /// redis-server that keeps nothing on disk, as in production here.
+    pub async fn redis() -> Server {
+        let addr = crate::free_port();
+        let dir = std::env::temp_dir().join(format!("chat-redis-{}", addr.port()));
+        let args = vec![
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            addr.port().to_string(),
+            "--save".into(),
+            "".into(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        Server::start("redis-server", args, addr, dir).await
+    }
+
+    async fn start(
+        program: &'static str,
+        args: Vec<String>,
+        addr: SocketAddr,
+        dir: PathBuf,
+    ) -> Server {
+        std::fs::create_dir_all(&dir).expect("a data directory");
+        let mut s = Server {
+            program,
+            args,
+            addr,
+            dir,
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program));
+        self.child = Some(child);
+        let addr = self.addr;
+        eventually(&format!("{} answers", self.program), || async move {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// `kill -9`, and wait until it is gone.
+    pub async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts it again on the same port with the same data directory.
+    pub async fn restart(&mut self) {
+        self.kill9().await;
+        self.spawn().await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
