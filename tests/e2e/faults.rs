@@ -270,3 +270,61 @@ async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
     env.finish().await;
     drop(redis);
 }
+
+/// Scenario 8: two of each service, and a replica of a randomly chosen service killed with
+/// `kill -9` (and restarted) every 500 messages while traffic flows for about a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_replica_kills_for_a_minute_lose_and_double_nothing() {
+    let mut env = TestEnv::start(Options {
+        processes: true,
+        gateways: 2,
+        routers: 2,
+        stores: 2,
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(env.user(&format!("user{i}")).await);
+    }
+    let urls = vec![env.ws_url(0), env.ws_url(1)];
+    let mut procs = vec![
+        env.take_gateway(0),
+        env.take_gateway(1),
+        env.take_router(0),
+        env.take_router(0),
+        env.take_store(0),
+        env.take_store(0),
+    ];
+    // 20 users, 300 messages each, one every 200 ms: a minute of traffic.
+    let run = Traffic {
+        users: users.clone(),
+        messages: USERS * 300,
+        pace: Duration::from_millis(200),
+    };
+    let (report, procs) = run
+        .run(urls, |progress| async move {
+            // A fixed pseudo-random order, so a failure can be replayed.
+            let mut pick: u64 = 0x2545_f491_4f6c_dd1d;
+            for step in 1..12 {
+                progress.until_sent(step * 500).await;
+                pick ^= pick << 13;
+                pick ^= pick >> 7;
+                pick ^= pick << 17;
+                let victim = (pick % procs.len() as u64) as usize;
+                procs[victim].restart().await;
+            }
+            procs
+        })
+        .await;
+    let mut procs = procs.into_iter();
+    for i in 0..2 {
+        env.put_back_gateway(i, procs.next().unwrap());
+    }
+    for p in procs {
+        env.put_back(p);
+    }
+    report.check(&env).await;
+    env.finish().await;
+}

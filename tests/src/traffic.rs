@@ -125,7 +125,8 @@ impl Traffic {
     }
 }
 
-/// The longest a run may take after the fault before everything must have arrived.
+/// The longest a run may take, beyond its planned sending time, before everything must
+/// have arrived.
 const SETTLE: Duration = Duration::from_secs(40);
 
 #[allow(clippy::too_many_arguments)]
@@ -140,7 +141,7 @@ async fn client_loop(
     seen: Arc<Mutex<Seen>>,
 ) -> (usize, usize) {
     let index: HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let deadline = Instant::now() + SETTLE;
+    let deadline = Instant::now() + pace * mine.len() as u32 + SETTLE;
     let mut reconnects = 0;
     let mut duplicates = 0;
     let mut next = 0; // next of `mine` never sent on this connection
