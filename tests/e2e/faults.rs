@@ -11,11 +11,12 @@ use serde_json::json;
 const USERS: usize = 20;
 const MESSAGES: usize = 1000;
 
-async fn process_env() -> (TestEnv, Vec<User>) {
+/// A deployment of real processes (with `options` on top) and its 20 users.
+async fn deployment(options: Options) -> (TestEnv, Vec<User>) {
     let env = TestEnv::start(Options {
         processes: true,
         ack_wait: Duration::from_secs(2),
-        ..Options::default()
+        ..options
     })
     .await;
     let mut users = Vec::new();
@@ -23,6 +24,10 @@ async fn process_env() -> (TestEnv, Vec<User>) {
         users.push(env.user(&format!("user{i}")).await);
     }
     (env, users)
+}
+
+async fn process_env() -> (TestEnv, Vec<User>) {
+    deployment(Options::default()).await
 }
 
 fn traffic(users: &[User]) -> Traffic {
@@ -210,17 +215,11 @@ async fn a_crashed_gateways_users_go_offline_within_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_mid_traffic_loses_nothing() {
     let mut nats = chat_tests::servers::Server::nats().await;
-    let env = TestEnv::start(Options {
-        processes: true,
-        ack_wait: Duration::from_secs(2),
+    let (env, users) = deployment(Options {
         nats_url: Some(format!("nats://{}", nats.addr)),
         ..Options::default()
     })
     .await;
-    let mut users = Vec::new();
-    for i in 0..USERS {
-        users.push(env.user(&format!("user{i}")).await);
-    }
     let (report, nats) = traffic(&users)
         .run(vec![env.ws_url(0)], |progress| async move {
             progress.until_sent(300).await;
@@ -238,18 +237,12 @@ async fn nats_restarted_mid_traffic_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
     let mut redis = chat_tests::servers::Server::redis().await;
-    let env = TestEnv::start(Options {
-        processes: true,
-        ack_wait: Duration::from_secs(2),
+    let (env, users) = deployment(Options {
         presence_ttl: Duration::from_secs(3),
         redis_url: Some(format!("redis://{}", redis.addr)),
         ..Options::default()
     })
     .await;
-    let mut users = Vec::new();
-    for i in 0..USERS {
-        users.push(env.user(&format!("user{i}")).await);
-    }
     let watcher = env.user("watcher").await;
     let mut online = env.connect(&users[0]).await;
     online.backlog().await;
@@ -275,19 +268,13 @@ async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
 /// `kill -9` (and restarted) every 500 messages while traffic flows for about a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_replica_kills_for_a_minute_lose_and_double_nothing() {
-    let mut env = TestEnv::start(Options {
-        processes: true,
+    let (mut env, users) = deployment(Options {
         gateways: 2,
         routers: 2,
         stores: 2,
-        ack_wait: Duration::from_secs(2),
         ..Options::default()
     })
     .await;
-    let mut users = Vec::new();
-    for i in 0..USERS {
-        users.push(env.user(&format!("user{i}")).await);
-    }
     let urls = vec![env.ws_url(0), env.ws_url(1)];
     let mut procs = vec![
         env.take_gateway(0),
