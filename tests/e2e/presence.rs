@@ -62,3 +62,25 @@ async fn a_peer_sees_the_user_come_online_and_go_offline() {
     assert_eq!(found["users"][0]["online"], false);
     env.finish().await;
 }
+
+/// The first message ever between two users, sent just before the recipient connects: the
+/// sender still hears that the recipient came online (the session is announced only once
+/// the pipeline has stored what was sent before the connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_just_before_connecting_still_brings_presence() {
+    let env = TestEnv::start_default().await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect(&a).await;
+    ca.backlog().await;
+    ca.send_and_confirm(b.id, "first", "first ever").await;
+    let mut cb = env.connect(&b).await;
+    let (backlog, _) = cb.backlog().await;
+    assert_eq!(backlog[0]["body"], "first ever");
+    let p = ca
+        .expect("B online", |v| {
+            v["type"] == "presence" && v["user_id"] == b.id
+        })
+        .await;
+    assert_eq!(p["online"], true);
+    env.finish().await;
+}
