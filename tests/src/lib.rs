@@ -481,30 +481,44 @@ fn free_port() -> SocketAddr {
     l.local_addr().expect("an address")
 }
 
-/// Deletes the namespace's streams, its Redis keys and the database.
+/// Deletes the namespace's streams, its Redis keys and the database. Each part is tried
+/// even when another fails (a test's private NATS or Redis may already be gone).
 pub async fn cleanup(urls: &(String, String), subjects: &Subjects, database: &str) -> Result<()> {
-    let nats = async_nats::connect(urls.0.as_str()).await?;
-    let js = async_nats::jetstream::new(nats);
-    for stream in [subjects.in_stream(), subjects.store_stream()] {
-        let _ = js.delete_stream(&stream).await;
-    }
-    let redis = redis::Client::open(urls.1.as_str())?;
-    let mut con = redis.get_multiplexed_async_connection().await?;
-    let pattern = format!("{}*", subjects.redis_prefix());
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(&pattern)
-        .query_async(&mut con)
-        .await?;
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut con).await?;
-    }
-    let db = sea_orm::Database::connect(format!("{MYSQL_SERVER}/")).await?;
-    use sea_orm::ConnectionTrait;
-    db.execute_unprepared("SET SESSION lock_wait_timeout = 10")
-        .await?;
-    db.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{database}`"))
-        .await?;
-    db.close().await?;
+    let streams = async {
+        let nats = async_nats::connect(urls.0.as_str()).await?;
+        let js = async_nats::jetstream::new(nats);
+        for stream in [subjects.in_stream(), subjects.store_stream()] {
+            let _ = js.delete_stream(&stream).await;
+        }
+        anyhow::Ok(())
+    };
+    let keys = async {
+        let redis = redis::Client::open(urls.1.as_str())?;
+        let mut con = redis.get_multiplexed_async_connection().await?;
+        let pattern = format!("{}*", subjects.redis_prefix());
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut con)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut con).await?;
+        }
+        anyhow::Ok(())
+    };
+    let db = async {
+        use sea_orm::ConnectionTrait;
+        let db = sea_orm::Database::connect(format!("{MYSQL_SERVER}/")).await?;
+        db.execute_unprepared("SET SESSION lock_wait_timeout = 10")
+            .await?;
+        db.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{database}`"))
+            .await?;
+        db.close().await?;
+        anyhow::Ok(())
+    };
+    let (streams, keys, db) = tokio::join!(streams, keys, db);
+    db.context("dropping the database")?;
+    streams.context("deleting the streams")?;
+    keys.context("deleting the Redis keys")?;
     Ok(())
 }
 
