@@ -94,8 +94,3 @@ pub fn extract(headers: Option<&HeaderMap>, span: &tracing::Span) {
         let _ = span.set_parent(cx);
     }
 }
-
-/// The `traceparent` value of headers, if any (for tests and logs).
-pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
-    headers.get("traceparent").map(|v| v.as_str())
-}

@@ -341,15 +341,6 @@ impl TestEnv {
         self.stores.push(Service::Process(Box::new(p)));
     }
 
-    /// Stops gateway `i` the way SIGTERM does, and waits until it has.
-    pub async fn stop_gateway(&mut self, i: usize) {
-        self.gateways[i].1.stop().await;
-    }
-
-    pub fn gateway_count(&self) -> usize {
-        self.gateways.len()
-    }
-
     pub fn base_url(&self, gateway: usize) -> String {
         format!("http://{}", self.gateways[gateway].0)
     }
