@@ -109,7 +109,7 @@ impl App {
         let client = nats::connect(&config.common.nats_url, "chat-gateway").await?;
         let js = jetstream::new(client.clone());
         let (in_stream, store_stream) = nats::ensure_streams(&js, &subjects).await?;
-        let listener = tokio::net::TcpListener::bind(&config.http_addr)
+        let listener = listen(&config.http_addr)
             .await
             .map_err(|source| Error::Listen {
                 addr: config.http_addr.clone(),
@@ -192,6 +192,25 @@ impl App {
         let _ = beat.await;
         let _ = state.nats.flush().await;
     }
+}
+
+/// Pending connections the kernel queues for us: a connect storm of thousands must not
+/// overflow it (tokio's `bind` uses 1024).
+const LISTEN_BACKLOG: u32 = 8192;
+
+async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Builds and runs a gateway until `shutdown`, printing where it listens.

@@ -162,11 +162,15 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
             server_time: chat_proto::now_ms(),
         };
         let _ = out.send(text(hello.to_json())).await;
-        // (b) and (c) in the backlog task: announce the session, then ask for what waited.
+        // Let what was sent before this connect be stored, then (b) announce the session.
+        // Done here, not in the backlog task, so that the announcement has been answered
+        // before a quick disconnect's `session_down` can overtake it.
+        state.settle().await;
+        state.session_up(user, &session_id).await;
+        // (c) Only then ask for what was waiting.
         let (backlog_tx, backlog_rx) = mpsc::channel(2);
-        let backlog = tokio::spawn(
-            fetch_backlog(state.clone(), user, session_id.clone(), backlog_tx).in_current_span(),
-        );
+        let backlog =
+            tokio::spawn(fetch_backlog(state.clone(), user, backlog_tx).in_current_span());
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let sender = tokio::spawn(
             send::run(state.clone(), user, outgoing_rx, out.clone()).in_current_span(),
@@ -232,18 +236,9 @@ fn text(json: String) -> WsMessage {
     WsMessage::Text(Utf8Bytes::from(json))
 }
 
-/// Waits for messages still in the pipeline to be stored; announces the session (so the
-/// router sends live messages our way, and the peers of a conversation stored a moment ago
-/// hear of it); then pages through the backlog, retrying while the store is unavailable (the
-/// client waits for `backlog_done`; a gap is never an option).
-async fn fetch_backlog(
-    state: AppState,
-    user: UserId,
-    session_id: String,
-    tx: mpsc::Sender<BacklogEvent>,
-) {
-    state.settle().await;
-    state.session_up(user, &session_id).await;
+/// Pages through the backlog, retrying while the store is unavailable (the client waits for
+/// `backlog_done`; a gap is never an option).
+async fn fetch_backlog(state: AppState, user: UserId, tx: mpsc::Sender<BacklogEvent>) {
     let mut after: Option<String> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
