@@ -59,6 +59,21 @@ impl ServerFrame {
         }
     }
 
+    /// The frame's `type` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerFrame::Hello { .. } => "hello",
+            ServerFrame::Message(_) => "message",
+            ServerFrame::BacklogDone { .. } => "backlog_done",
+            ServerFrame::Sent { .. } => "sent",
+            ServerFrame::Receipt { .. } => "receipt",
+            ServerFrame::Presence { .. } => "presence",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Pong => "pong",
+            ServerFrame::Error { .. } => "error",
+        }
+    }
+
     /// The JSON text of the frame.
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: no maps with non-string keys, no custom impls.
@@ -82,6 +97,19 @@ pub enum ClientFrame {
     Read { peer: UserId, up_to: String },
     Typing { to: UserId },
     Ping,
+}
+
+impl ClientFrame {
+    /// The frame's `type` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Send(_) => "send",
+            ClientFrame::Ack { .. } => "ack",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Ping => "ping",
+        }
+    }
 }
 
 /// Why a client frame was refused, ready to become an `error` frame.

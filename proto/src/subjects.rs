@@ -32,7 +32,8 @@ impl StoreOp {
         StoreOp::Peers,
     ];
 
-    fn as_str(self) -> &'static str {
+    /// The operation's name, as in its subject.
+    pub fn as_str(self) -> &'static str {
         match self {
             StoreOp::Register => "register",
             StoreOp::Login => "login",

@@ -19,6 +19,10 @@ use crate::telemetry;
 /// How long JetStream remembers a `Nats-Msg-Id`: a `send` retried within this window gets the
 /// first message's id back without a store round trip; the store's unique key on
 /// (sender, client_id) keeps later retries from making a second row.
+///
+/// The in stream keeps its messages for as long (limits retention with this `max_age`, not a
+/// work queue): JetStream rebuilds its de-dup memory after a restart from the messages the
+/// stream still holds, so a retry across a NATS restart is still recognised.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, thiserror::Error)]
@@ -49,31 +53,46 @@ pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
         })
 }
 
-/// Creates the in and store streams if missing (file storage, work-queue retention, message
-/// de-duplication) and checks that an existing one has the settings the design relies on.
-/// Every service calls it at start, so the order services start in does not matter.
+/// Creates the in and store streams if missing (file storage, message de-duplication) and
+/// checks that an existing one has the settings the design relies on. The in stream keeps
+/// messages for [`DEDUP_WINDOW`] (see there); the store stream is a work queue. Every service
+/// calls it at start, so the order services start in does not matter.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
 ) -> Result<(stream::Stream, stream::Stream), Error> {
-    let inbound = ensure_stream(js, subjects.in_stream(), subjects.inbound()).await?;
-    let store = ensure_stream(js, subjects.store_stream(), subjects.store_all()).await?;
-    Ok((inbound, store))
+    let inbound = stream::Config {
+        name: subjects.in_stream(),
+        subjects: vec![subjects.inbound()],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: DEDUP_WINDOW,
+        ..stream_defaults()
+    };
+    let store = stream::Config {
+        name: subjects.store_stream(),
+        subjects: vec![subjects.store_all()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..stream_defaults()
+    };
+    Ok((
+        ensure_stream(js, inbound).await?,
+        ensure_stream(js, store).await?,
+    ))
+}
+
+fn stream_defaults() -> stream::Config {
+    stream::Config {
+        storage: stream::StorageType::File,
+        duplicate_window: DEDUP_WINDOW,
+        ..Default::default()
+    }
 }
 
 async fn ensure_stream(
     js: &jetstream::Context,
-    name: String,
-    subject: String,
+    wanted: stream::Config,
 ) -> Result<stream::Stream, Error> {
-    let wanted = stream::Config {
-        name: name.clone(),
-        subjects: vec![subject],
-        storage: stream::StorageType::File,
-        retention: stream::RetentionPolicy::WorkQueue,
-        duplicate_window: DEDUP_WINDOW,
-        ..Default::default()
-    };
+    let name = wanted.name.clone();
     let fail = |message: String| Error::Stream {
         name: name.clone(),
         message,
@@ -87,10 +106,23 @@ async fn ensure_stream(
     if got.subjects != wanted.subjects
         || got.storage != wanted.storage
         || got.retention != wanted.retention
+        || got.max_age != wanted.max_age
+        || got.duplicate_window != wanted.duplicate_window
     {
         return Err(fail(format!(
-            "exists with subjects {:?}, {:?} storage, {:?} retention; expected {:?}, file, work queue",
-            got.subjects, got.storage, got.retention, wanted.subjects
+            "exists with subjects {:?}, {:?} storage, {:?} retention, max age {:?}, de-dup window {:?}; \
+             expected {:?}, {:?}, {:?}, {:?}, {:?} (an older version made it: delete the stream with \
+             `nats stream rm {name}` once it is empty)",
+            got.subjects,
+            got.storage,
+            got.retention,
+            got.max_age,
+            got.duplicate_window,
+            wanted.subjects,
+            wanted.storage,
+            wanted.retention,
+            wanted.max_age,
+            wanted.duplicate_window,
         )));
     }
     Ok(stream)

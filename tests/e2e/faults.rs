@@ -38,6 +38,20 @@ fn traffic(users: &[User]) -> Traffic {
     }
 }
 
+/// A probe of a service's `/readyz`: `Some` once its readiness is `want`.
+fn readiness(
+    ops_url: String,
+) -> impl Fn(bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<()>> + Send>> {
+    let http = reqwest::Client::new();
+    move |want| {
+        let (http, url) = (http.clone(), format!("{ops_url}/readyz"));
+        Box::pin(async move {
+            let status = http.get(&url).send().await.ok()?.status();
+            (status.is_success() == want).then_some(())
+        })
+    }
+}
+
 /// Scenario 1: `kill -9` the router mid-traffic, start it again: nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_killed_mid_traffic_loses_nothing() {
@@ -125,14 +139,18 @@ async fn poison_messages_are_dead_lettered_and_traffic_goes_on() {
     cb.expect_body("still flowing").await;
     cb.send_json(json!({"type": "ping"})).await;
     cb.expect_type("pong").await;
-    // Terminated, not waiting for redelivery: both streams drain.
-    chat_tests::eventually("streams empty", || async {
-        let mut empty = true;
-        for name in [env.subjects.in_stream(), env.subjects.store_stream()] {
-            let mut s = js.get_stream(&name).await.ok()?;
-            empty &= s.info().await.ok()?.state.messages == 0;
+    // Terminated, not waiting for redelivery: both consumers have nothing left to do.
+    chat_tests::eventually("consumers done", || async {
+        let mut done = true;
+        for (stream, consumer) in [
+            (env.subjects.in_stream(), env.subjects.router_consumer()),
+            (env.subjects.store_stream(), env.subjects.store_consumer()),
+        ] {
+            let s = js.get_stream(&stream).await.ok()?;
+            let c = s.consumer_info(consumer).await.ok()?;
+            done &= c.num_pending == 0 && c.num_ack_pending == 0;
         }
-        empty.then_some(())
+        done.then_some(())
     })
     .await;
     env.finish().await;
@@ -206,16 +224,10 @@ async fn a_crashed_gateways_users_go_offline_within_the_ttl() {
 
 /// Scenario 5: NATS (JetStream on file storage) killed and restarted mid-traffic: nothing
 /// that got `sent` is lost; every service reconnects by itself; clients see a pause (and
-/// `internal` answers they retry with the same client_id).
-///
-/// Ignored in CI for now: it finds a real gap about one run in eight. A send retried after
-/// the restart (its first try got no PubAck) can be taken as new, because JetStream's de-dup
-/// memory of ids whose messages the work-queue stream already removed does not survive the
-/// restart; the retry then gets a second msg_id while the first is the one delivered and
-/// stored. Nothing is lost, but the client's `sent` names the wrong id. Run it with
-/// `cargo nextest run -p chat-tests --run-ignored all faults::nats`.
+/// `internal` answers they retry with the same client_id). A retry whose first try reached
+/// the stream just before the restart still gets the first msg_id: the in stream keeps its
+/// messages for the de-dup window, from which JetStream rebuilds its de-dup memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a retry across a NATS restart can get a second msg_id (docs/reliability.md)"]
 async fn nats_restarted_mid_traffic_loses_nothing() {
     let mut nats = chat_tests::servers::Server::nats().await;
     let (env, users) = deployment(Options {
@@ -246,13 +258,17 @@ async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
         ..Options::default()
     })
     .await;
+    let ready = readiness(env.router_ops_url(0));
     let watcher = env.user("watcher").await;
     let mut online = env.connect(&users[0]).await;
     online.backlog().await;
     let (report, redis) = traffic(&users)
         .run(vec![env.ws_url(0)], |progress| async move {
             progress.until_sent(300).await;
+            redis.kill9().await;
+            chat_tests::eventually("router not ready without Redis", || ready(false)).await;
             redis.restart().await;
+            chat_tests::eventually("router ready again", || ready(true)).await;
             redis
         })
         .await;
@@ -265,6 +281,43 @@ async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
     .await;
     env.finish().await;
     drop(redis);
+}
+
+/// Scenario 7: MariaDB stopped for 10 s under traffic. Sends still get `sent` (JetStream
+/// holds them), the store's `/readyz` says not ready meanwhile, and after MariaDB returns the
+/// store's retries (with backoff) write everything: nothing lost, nothing written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_stopped_for_ten_seconds_loses_nothing() {
+    const OUTAGE: Duration = Duration::from_secs(10);
+    let mut mariadb = chat_tests::servers::Server::mariadb().await;
+    let (env, users) = deployment(Options {
+        mysql_server: Some(mariadb.mysql_url()),
+        ..Options::default()
+    })
+    .await;
+    let ready = readiness(env.store_ops_url(0));
+    chat_tests::eventually("store ready", || ready(true)).await;
+    let (report, (mariadb, sent_during)) = traffic(&users)
+        .run(vec![env.ws_url(0)], |progress| async move {
+            progress.until_sent(300).await;
+            mariadb.kill9().await;
+            let stopped = progress.sent();
+            chat_tests::eventually("store not ready without MariaDB", || ready(false)).await;
+            // The outage lasts 10 s (the scenario's length, not a wait for something).
+            tokio::time::sleep(OUTAGE).await;
+            let sent_during = progress.sent() - stopped;
+            mariadb.restart().await;
+            chat_tests::eventually("store ready again", || ready(true)).await;
+            (mariadb, sent_during)
+        })
+        .await;
+    assert!(
+        sent_during >= 500,
+        "sends got `sent` while MariaDB was down ({sent_during} did)"
+    );
+    report.check(&env).await;
+    env.finish().await;
+    drop(mariadb);
 }
 
 /// Scenario 8: two of each service, and a replica of a randomly chosen service killed with

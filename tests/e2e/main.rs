@@ -9,6 +9,7 @@ mod errors;
 mod faults;
 mod history;
 mod messaging;
+mod ops;
 mod presence;
 mod scale;
 mod tracing;

@@ -65,6 +65,8 @@ pub struct Options {
     /// NATS and Redis to use instead of the machine's (a test's private servers).
     pub nats_url: Option<String>,
     pub redis_url: Option<String>,
+    /// MariaDB server (`mysql://user@host:port`) instead of the machine's.
+    pub mysql_server: Option<String>,
     /// Run the services as real processes (which a test can kill) instead of in-process.
     pub processes: bool,
 }
@@ -84,6 +86,7 @@ impl Default for Options {
             outbound_queue: 4096,
             nats_url: None,
             redis_url: None,
+            mysql_server: None,
             processes: false,
         }
     }
@@ -143,6 +146,9 @@ pub struct TestEnv {
     gateways: Vec<(SocketAddr, Service)>,
     routers: Vec<Service>,
     stores: Vec<Service>,
+    /// The operations port (`/readyz`, `/metrics`) of each store started, in start order.
+    store_ops: Vec<SocketAddr>,
+    router_ops: Vec<SocketAddr>,
     http: reqwest::Client,
     cleaned: bool,
 }
@@ -177,6 +183,8 @@ impl TestEnv {
             gateways: Vec::new(),
             routers: Vec::new(),
             stores: Vec::new(),
+            store_ops: Vec::new(),
+            router_ops: Vec::new(),
             http: reqwest::Client::new(),
             cleaned: false,
         };
@@ -193,8 +201,12 @@ impl TestEnv {
         env
     }
 
-    fn urls(&self) -> (String, String) {
-        (self.nats_url().to_owned(), self.redis_url().to_owned())
+    fn urls(&self) -> Backends {
+        Backends {
+            nats: self.nats_url().to_owned(),
+            redis: self.redis_url().to_owned(),
+            mysql: self.mysql_server().to_owned(),
+        }
     }
 
     fn common(&self) -> CommonConfig {
@@ -209,8 +221,22 @@ impl TestEnv {
         self.options.redis_url.as_deref().unwrap_or(REDIS_URL)
     }
 
+    pub fn mysql_server(&self) -> &str {
+        self.options.mysql_server.as_deref().unwrap_or(MYSQL_SERVER)
+    }
+
     pub fn database_url(&self) -> String {
-        format!("{MYSQL_SERVER}/{}", self.database)
+        format!("{}/{}", self.mysql_server(), self.database)
+    }
+
+    /// `http://host:port` of the operations port of store `i` (in start order).
+    pub fn store_ops_url(&self, i: usize) -> String {
+        format!("http://{}", self.store_ops[i])
+    }
+
+    /// `http://host:port` of the operations port of router `i` (in start order).
+    pub fn router_ops_url(&self, i: usize) -> String {
+        format!("http://{}", self.router_ops[i])
     }
 
     pub fn gateway_config(&self) -> chat_gateway::Config {
@@ -245,12 +271,16 @@ impl TestEnv {
 
     pub async fn start_store(&mut self) {
         let service = if self.options.processes {
+            let ops = free_port();
             let mut env = self.common_env();
             env.push(("DATABASE_URL".into(), self.database_url()));
+            env.push(("CHAT_OPS_ADDR".into(), ops.to_string()));
+            self.store_ops.push(ops);
             Service::Process(Box::new(Proc::start("chat-store", env).await))
         } else {
             let config = chat_store::Config {
                 common: self.common(),
+                ops_addr: "127.0.0.1:0".into(),
                 database_url: self.database_url(),
                 migrate_only: false,
                 ack_wait: self.options.ack_wait,
@@ -258,6 +288,7 @@ impl TestEnv {
             let app = chat_store::App::build(config)
                 .await
                 .unwrap_or_else(|e| panic!("store does not start: {e}"));
+            self.store_ops.push(app.ops_addr());
             spawn(|stop| app.run_until(stop))
         };
         self.stores.push(service);
@@ -265,12 +296,16 @@ impl TestEnv {
 
     pub async fn start_router(&mut self) {
         let service = if self.options.processes {
+            let ops = free_port();
             let mut env = self.common_env();
             env.push(("REDIS_URL".into(), self.redis_url().into()));
+            env.push(("CHAT_OPS_ADDR".into(), ops.to_string()));
+            self.router_ops.push(ops);
             Service::Process(Box::new(Proc::start("chat-router", env).await))
         } else {
             let config = chat_router::Config {
                 common: self.common(),
+                ops_addr: "127.0.0.1:0".into(),
                 redis_url: self.redis_url().into(),
                 presence_ttl: self.options.presence_ttl,
                 ack_wait: self.options.ack_wait,
@@ -278,6 +313,7 @@ impl TestEnv {
             let app = chat_router::App::build(config)
                 .await
                 .unwrap_or_else(|e| panic!("router does not start: {e}"));
+            self.router_ops.push(app.ops_addr());
             spawn(|stop| app.run_until(stop))
         };
         self.routers.push(service);
@@ -474,9 +510,17 @@ fn free_port() -> SocketAddr {
 
 /// Deletes the namespace's streams, its Redis keys and the database. Each part is tried
 /// even when another fails (a test's private NATS or Redis may already be gone).
-pub async fn cleanup(urls: &(String, String), subjects: &Subjects, database: &str) -> Result<()> {
+/// Where a test's backends are, for its cleanup.
+pub struct Backends {
+    pub nats: String,
+    pub redis: String,
+    /// `mysql://user@host:port`, without a database.
+    pub mysql: String,
+}
+
+pub async fn cleanup(urls: &Backends, subjects: &Subjects, database: &str) -> Result<()> {
     let streams = async {
-        let nats = async_nats::connect(urls.0.as_str()).await?;
+        let nats = async_nats::connect(urls.nats.as_str()).await?;
         let js = async_nats::jetstream::new(nats);
         for stream in [subjects.in_stream(), subjects.store_stream()] {
             let _ = js.delete_stream(&stream).await;
@@ -484,7 +528,7 @@ pub async fn cleanup(urls: &(String, String), subjects: &Subjects, database: &st
         anyhow::Ok(())
     };
     let keys = async {
-        let redis = redis::Client::open(urls.1.as_str())?;
+        let redis = redis::Client::open(urls.redis.as_str())?;
         let mut con = redis.get_multiplexed_async_connection().await?;
         let pattern = format!("{}*", subjects.redis_prefix());
         let keys: Vec<String> = redis::cmd("KEYS")
@@ -498,7 +542,7 @@ pub async fn cleanup(urls: &(String, String), subjects: &Subjects, database: &st
     };
     let db = async {
         use sea_orm::ConnectionTrait;
-        let db = sea_orm::Database::connect(format!("{MYSQL_SERVER}/")).await?;
+        let db = sea_orm::Database::connect(format!("{}/", urls.mysql)).await?;
         db.execute_unprepared("SET SESSION lock_wait_timeout = 10")
             .await?;
         db.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{database}`"))

@@ -1,4 +1,4 @@
-//! Private NATS and Redis servers on ports of their own, for tests that stop and restart
+//! Private NATS, Redis and MariaDB servers on ports of their own, for tests that stop and restart
 //! them without disturbing the other tests, which share the machine's servers.
 
 use std::net::SocketAddr;
@@ -53,6 +53,48 @@ impl Server {
             dir.display().to_string(),
         ];
         Server::start("redis-server", args, addr, dir).await
+    }
+
+    /// mariadbd with a fresh data directory (root without a password, as on this machine),
+    /// small enough to start in a second.
+    pub async fn mariadb() -> Server {
+        let addr = crate::free_port();
+        let dir = std::env::temp_dir().join(format!("chat-mariadb-{}", addr.port()));
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir).expect("a data directory");
+        let install = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ])
+            .arg(format!("--datadir={}", data.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("mariadb-install-db runs");
+        assert!(install.success(), "mariadb-install-db failed");
+        let args = vec![
+            "--no-defaults".into(),
+            "--user=root".into(),
+            format!("--datadir={}", data.display()),
+            format!("--socket={}", dir.join("sock").display()),
+            format!("--pid-file={}", dir.join("pid").display()),
+            format!("--log-error={}", dir.join("error.log").display()),
+            "--bind-address=127.0.0.1".into(),
+            format!("--port={}", addr.port()),
+            "--skip-log-bin".into(),
+            "--innodb-buffer-pool-size=32M".into(),
+            "--innodb-log-file-size=16M".into(),
+        ];
+        Server::start("mariadbd", args, addr, dir).await
+    }
+
+    /// `mysql://root@host:port` of a [`Server::mariadb`].
+    pub fn mysql_url(&self) -> String {
+        format!("mysql://root@{}", self.addr)
     }
 
     async fn start(

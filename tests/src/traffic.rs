@@ -47,6 +47,11 @@ impl Progress {
         })
         .await;
     }
+
+    /// How many messages have been answered `sent` so far.
+    pub fn sent(&self) -> usize {
+        self.0.lock().unwrap().sent.len()
+    }
 }
 
 pub struct Traffic {

@@ -13,6 +13,7 @@ use chat_proto::envelope::{
 use chat_proto::frame::valid_msg_id;
 use chat_proto::limits::{PAGE_DEFAULT, PAGE_MAX};
 use chat_proto::{ErrorCode, StoreOp, UserId};
+use chat_runtime::ops;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -160,49 +161,17 @@ pub(crate) async fn history(
     Ok(Json(page).into_response())
 }
 
-pub(crate) async fn healthz() -> StatusCode {
-    StatusCode::OK
-}
-
 /// Ready when NATS is connected and the in stream answers.
-pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let stream = connected
-        && tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            state.js.get_stream(state.subjects.in_stream()),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-    if stream {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        ApiError::new(
-            ErrorCode::NotReady,
-            "NATS or the in stream is not available",
-        )
-        .into_response()
-    }
-}
-
-/// Prometheus text: what this gateway knows about itself.
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let connections = state
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .len();
-    let body = format!(
-        "# HELP chat_gateway_connections Open WebSocket connections.\n\
-         # TYPE chat_gateway_connections gauge\n\
-         chat_gateway_connections {connections}\n"
-    );
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        body,
-    )
-        .into_response()
+pub(crate) fn readiness(state: &AppState) -> ops::Readiness {
+    ops::readiness(state.clone(), |state| async move {
+        let stream = ops::probe("jetstream", async {
+            state
+                .js
+                .get_stream(state.subjects.in_stream())
+                .await
+                .map(drop)
+        })
+        .await;
+        vec![ops::nats_check(&state.nats), stream]
+    })
 }

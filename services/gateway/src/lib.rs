@@ -12,6 +12,7 @@ mod config;
 mod error;
 mod ids;
 mod limits;
+mod meters;
 mod send;
 mod sessions;
 mod settle;
@@ -157,9 +158,7 @@ impl App {
                 get(api::history),
             )
             .route("/ws", get(ws::upgrade))
-            .route("/healthz", get(api::healthz))
-            .route("/readyz", get(api::readyz))
-            .route("/metrics", get(api::metrics))
+            .merge(chat_runtime::ops::routes(api::readiness(&state)))
             .layer(TraceLayer::new_for_http())
             .with_state(state.clone());
         let every = (state.config.presence_ttl / 3).max(Duration::from_millis(100));

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::meters;
 
 /// A validated client frame on its way out.
 #[derive(Debug)]
@@ -57,6 +58,7 @@ pub(crate) async fn run(
         tokio::select! {
             Some(answer) = pending.next(), if !pending.is_empty() => {
                 if let Some(frame) = answer {
+                    meters::frame_out(&frame);
                     // Waits for room: a client that never reads is dropped by the connection
                     // loop (its next push finds the queue full), which ends this task too.
                     let text = WsMessage::Text(Utf8Bytes::from(frame.to_json()));
@@ -224,6 +226,7 @@ async fn confirm(state: AppState, message: Message, ack: PublishAckFuture) -> Op
             None => return internal(Some(message.client_id)),
         }
     } else {
+        meters::accepted();
         (message.msg_id, message.ts)
     };
     Some(ServerFrame::Sent {

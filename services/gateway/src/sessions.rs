@@ -25,6 +25,7 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(session_id.to_owned(), user);
+        metrics::gauge!("chat_gateway_connections").increment(1.0);
         let up = SessionUp {
             session: Session {
                 user_id: user,
@@ -50,6 +51,7 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(session_id);
+        metrics::gauge!("chat_gateway_connections").decrement(1.0);
         let down = SessionDown {
             session: Session {
                 user_id: user,

@@ -3,8 +3,9 @@
 //! A message is `sent` once the in stream holds it, but it joins the backlog only once the
 //! router has handed it to the store and the store has committed it. PROTOCOL.md promises
 //! that what was sent while the user was offline arrives before `backlog_done`, so before
-//! querying the backlog a connection waits until both work-queue streams have consumed
-//! everything they held when it asked (their first sequence passes the last sequence seen).
+//! querying the backlog a connection waits until the router's consumer of the in stream, then
+//! the store's consumer of the store stream, has acked everything its stream held when it
+//! asked (the consumer's ack floor reaches the stream's last sequence seen).
 //! The wait is bounded: past it (a store down, a message being retried) the connection goes
 //! on, and whatever is still in flight arrives live after `backlog_done`, never lost.
 
@@ -21,23 +22,28 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 impl AppState {
     pub(crate) async fn settle(&self) {
         let deadline = Instant::now() + SETTLE_LIMIT;
-        if drained(&self.in_stream, deadline).await {
-            drained(&self.store_stream, deadline).await;
+        let (router, store) = (
+            self.subjects.router_consumer(),
+            self.subjects.store_consumer(),
+        );
+        if drained(&self.in_stream, router, deadline).await {
+            drained(&self.store_stream, store, deadline).await;
         }
     }
 }
 
-/// Whether `stream` consumed everything it held on entry before `deadline`.
-async fn drained(stream: &Stream, deadline: Instant) -> bool {
+/// Whether `consumer` acked everything `stream` held on entry before `deadline`.
+async fn drained(stream: &Stream, consumer: &str, deadline: Instant) -> bool {
     let Ok(info) = stream.get_info().await else {
         return false;
     };
     let target = info.state.last_sequence;
-    let mut state = info.state;
     let mut pause = Duration::from_millis(1);
     loop {
-        if state.messages == 0 || state.first_sequence > target {
-            return true;
+        match stream.consumer_info(consumer).await {
+            Ok(c) if c.ack_floor.stream_sequence >= target => return true,
+            // No consumer yet (its service has not started): nothing will drain meanwhile.
+            Ok(_) | Err(_) => {}
         }
         if Instant::now() + pause > deadline {
             tracing::info!(stream = %info.config.name, "pipeline busy; replaying the backlog without waiting");
@@ -45,9 +51,5 @@ async fn drained(stream: &Stream, deadline: Instant) -> bool {
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
-        match stream.get_info().await {
-            Ok(i) => state = i.state,
-            Err(_) => return false,
-        }
     }
 }

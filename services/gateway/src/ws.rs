@@ -31,6 +31,7 @@ use crate::AppState;
 use crate::auth::bearer;
 use crate::error::ApiError;
 use crate::ids::RecentIds;
+use crate::meters;
 use crate::send::{self, Outgoing};
 
 /// The server pings this often ...
@@ -273,6 +274,8 @@ struct EventHead {
     #[serde(rename = "type")]
     kind: String,
     msg_id: Option<String>,
+    to: Option<UserId>,
+    ts: Option<i64>,
 }
 
 impl Connection {
@@ -337,6 +340,7 @@ impl Connection {
     }
 
     fn push_frame(&self, frame: ServerFrame) -> Result<(), End> {
+        meters::frame_out(&frame);
         self.push(text(frame.to_json()))
     }
 
@@ -356,8 +360,12 @@ impl Connection {
     fn on_text(&mut self, text: &str) -> Result<(), End> {
         let frame = match parse_client_frame(text) {
             Ok(f) => f,
-            Err(e) => return self.push_frame(e.into_frame()),
+            Err(e) => {
+                meters::frame_in("invalid");
+                return self.push_frame(e.into_frame());
+            }
         };
+        meters::frame_in(frame.kind());
         let limited = |client_id| {
             ServerFrame::error(
                 ErrorCode::RateLimited,
@@ -427,7 +435,13 @@ impl Connection {
             if !self.seen.insert(id) {
                 return Ok(());
             }
+            if let (Some(ts), Some(to)) = (head.ts, head.to)
+                && to == self.user
+            {
+                meters::delivered_live(ts);
+            }
         }
+        meters::frame_out_kind(meters::event_kind(&head.kind));
         match Utf8Bytes::try_from(payload) {
             Ok(t) => self.push(WsMessage::Text(t)),
             Err(_) => Ok(()),
@@ -443,6 +457,8 @@ impl Connection {
                 continue;
             }
             self.replayed += 1;
+            meters::replayed();
+            meters::frame_out_kind("message");
             // Backlog frames wait for room in the queue: a long backlog is not a slow reader.
             let frame = text(ServerFrame::Message(m).to_json());
             match tokio::time::timeout(BACKLOG_WRITE_TIMEOUT, self.out.send(frame)).await {

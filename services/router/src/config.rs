@@ -13,6 +13,9 @@ use chat_runtime::CommonConfig;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (`:0` picks a free port).
+    #[arg(long, env = "CHAT_OPS_ADDR", default_value = "127.0.0.1:8081")]
+    pub ops_addr: String,
     /// Redis, where presence lives.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,

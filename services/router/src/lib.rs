@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chat_proto::Subjects;
-use chat_runtime::nats;
+use chat_runtime::{nats, ops};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,13 +43,22 @@ pub(crate) struct State {
 pub struct App {
     state: State,
     consumer: jetstream::consumer::PullConsumer,
+    /// The stream the consumer reads, to report its lag.
+    stream: jetstream::stream::Stream,
     subs: [async_nats::Subscriber; 4],
     sweep_every: Duration,
+    ops: tokio::net::TcpListener,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<App, Error> {
         let subjects = Arc::new(config.common.namespace.clone());
+        let ops = ops::bind(&config.ops_addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.ops_addr.clone(),
+                source,
+            })?;
         let client = nats::connect(&config.common.nats_url, "chat-router").await?;
         let redis_err = |source| Error::RedisConnect {
             url: config.redis_url.clone(),
@@ -92,15 +101,39 @@ impl App {
                 subjects,
             },
             consumer,
+            stream: in_stream,
             subs,
             sweep_every: (config.presence_ttl / 10)
                 .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            ops,
+        })
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` answer.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        ops::local_addr(&self.ops)
+    }
+
+    /// Ready while NATS is connected and Redis answers.
+    fn readiness(&self) -> ops::Readiness {
+        ops::readiness(self.state.clone(), |state| async move {
+            vec![
+                ops::nats_check(&state.nats),
+                ops::probe("redis", state.presence.ping()).await,
+            ]
         })
     }
 
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let ready = self.readiness();
+        tasks.spawn(ops::serve(self.ops, ready, cancel.clone()));
+        tasks.spawn(ops::report_lag(
+            self.stream,
+            self.state.subjects.router_consumer(),
+            cancel.clone(),
+        ));
         let [up, down, beat, query] = self.subs;
         let s = self.state.clone();
         tasks.spawn(nats::serve(up, CONCURRENCY, cancel.clone(), move |m| {

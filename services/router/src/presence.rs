@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chat_proto::UserId;
 use chat_proto::envelope::Session;
+use chat_runtime::ops;
 use redis::aio::ConnectionManager;
 
 /// Refreshes sessions. ARGV: prefix, now, expires_at, keep_ms, then user/session pairs.
@@ -60,6 +61,9 @@ end
 return gone
 ";
 
+/// The histogram of Redis call latency.
+const REDIS: &str = "chat_redis_seconds";
+
 /// Sessions per script call, so one heartbeat of a large gateway does not block Redis.
 const CHUNK: usize = 500;
 
@@ -75,6 +79,13 @@ pub(crate) struct Presence {
 }
 
 impl Presence {
+    /// Whether Redis answers (the readiness probe).
+    pub(crate) async fn ping(&self) -> redis::RedisResult<()> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.redis.clone())
+            .await
+    }
+
     pub(crate) fn new(redis: ConnectionManager, prefix: String, ttl: Duration) -> Self {
         Presence {
             redis,
@@ -98,7 +109,8 @@ impl Presence {
             for s in chunk {
                 call.arg(s.user_id).arg(&s.session_id);
             }
-            let users: Vec<UserId> = call.invoke_async(&mut self.redis.clone()).await?;
+            let users: Vec<UserId> =
+                ops::timed(REDIS, "touch", call.invoke_async(&mut self.redis.clone())).await?;
             came.extend(users);
         }
         Ok(came)
@@ -106,25 +118,21 @@ impl Presence {
 
     /// Ends a session; true when the user has no other.
     pub(crate) async fn drop_session(&self, s: &Session) -> redis::RedisResult<bool> {
-        let gone: i64 = self
-            .drop
-            .arg(&self.prefix)
+        let mut call = self.drop.prepare_invoke();
+        call.arg(&self.prefix)
             .arg(chat_proto::now_ms())
             .arg(s.user_id)
-            .arg(&s.session_id)
-            .invoke_async(&mut self.redis.clone())
-            .await?;
+            .arg(&s.session_id);
+        let gone: i64 =
+            ops::timed(REDIS, "drop", call.invoke_async(&mut self.redis.clone())).await?;
         Ok(gone == 1)
     }
 
     /// Claims up to `max` expired sessions; returns who went offline.
     pub(crate) async fn sweep(&self, max: usize) -> redis::RedisResult<Vec<UserId>> {
-        self.sweep
-            .arg(&self.prefix)
-            .arg(chat_proto::now_ms())
-            .arg(max)
-            .invoke_async(&mut self.redis.clone())
-            .await
+        let mut call = self.sweep.prepare_invoke();
+        call.arg(&self.prefix).arg(chat_proto::now_ms()).arg(max);
+        ops::timed(REDIS, "sweep", call.invoke_async(&mut self.redis.clone())).await
     }
 
     /// How many live sessions each user has, in one pipelined round trip.
@@ -137,6 +145,6 @@ impl Presence {
         for u in users {
             pipe.zcount(format!("{}sessions:{u}", self.prefix), now + 1, "+inf");
         }
-        pipe.query_async(&mut self.redis.clone()).await
+        ops::timed(REDIS, "sessions", pipe.query_async(&mut self.redis.clone())).await
     }
 }

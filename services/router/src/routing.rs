@@ -71,6 +71,8 @@ pub(crate) async fn route_batch(state: &State, batch: Vec<jetstream::Message>) {
                 return;
             }
             let frame = ServerFrame::Message(m.clone());
+            let path = if live { "live" } else { "offline" };
+            metrics::counter!("chat_router_messages_routed_total", "path" => path).increment(1);
             if live {
                 nats::publish_json(&state.nats, state.subjects.user(m.to), &frame).await;
             }

@@ -11,6 +11,9 @@ use chat_runtime::CommonConfig;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (`:0` picks a free port).
+    #[arg(long, env = "CHAT_OPS_ADDR", default_value = "127.0.0.1:8082")]
+    pub ops_addr: String,
     /// MySQL (or MariaDB); the database is created if missing and migrated at start.
     #[arg(
         long,

@@ -8,19 +8,23 @@ use async_nats::jetstream::{self, AckKind};
 use chat_proto::envelope::{StoreAck, StoreRead, StoreSeen};
 use chat_proto::frame::{ServerFrame, valid_msg_id};
 use chat_proto::{Message, Status, StoreWork};
-use chat_runtime::{nats, telemetry};
+use chat_runtime::{nats, ops, telemetry};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{State, messages, users};
 
-/// How often a mark that names a message not stored yet is retried before it is dropped.
-/// The message's write is normally milliseconds behind; a mark naming a message that never
-/// existed would otherwise circle for ever.
-const MAX_MARK_RETRIES: i64 = 20;
-const MARK_RETRY_DELAY: Duration = Duration::from_millis(250);
-/// Delay before a batch that failed on the database is tried again.
-const DB_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long a mark that names a message not stored yet keeps being retried before it is
+/// dropped. The message's write is normally milliseconds behind (or, after a database outage,
+/// seconds); a mark naming a message that never existed would otherwise circle for ever. A
+/// dropped delivery mark costs a repeat of the message in the next backlog, which devices
+/// de-dup by id.
+const MARK_PATIENCE: Duration = Duration::from_secs(60);
+/// The histogram of database write latency.
+const DB: &str = "chat_db_seconds";
+/// Redelivery delays of work that failed: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// One batch from the stream, sorted by kind.
 #[derive(Default)]
@@ -69,9 +73,15 @@ pub(crate) async fn handle_batch(state: &State, batch: Vec<jetstream::Message>) 
         mark_read(state, msg, read).await;
     }
     for (msg, seen) in work.seen {
-        match users::seen(&state.db, seen.user_id, seen.last_seen).await {
+        match ops::timed(
+            DB,
+            "seen",
+            users::seen(&state.db, seen.user_id, seen.last_seen),
+        )
+        .await
+        {
             Ok(()) => ack(&msg).await,
-            Err(e) => retry_later(&msg, &e, DB_RETRY_DELAY).await,
+            Err(e) => retry_later(&msg, &e).await,
         }
     }
 }
@@ -87,15 +97,25 @@ async fn ack(msg: &jetstream::Message) {
     }
 }
 
-async fn retry_later(
-    msg: &jetstream::Message,
-    error: &(dyn std::fmt::Display + Sync),
-    delay: Duration,
-) {
-    tracing::warn!(error = %error, "store work failed; redelivering later");
+/// Gives the work back to JetStream for a later try, waiting longer each time it fails (a
+/// database outage must not turn into a redelivery storm).
+async fn retry_later(msg: &jetstream::Message, error: &(dyn std::fmt::Display + Sync)) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let delay = backoff(delivered);
+    tracing::warn!(error = %error, delivered, ?delay, "store work failed; redelivering later");
+    metrics::counter!("chat_store_retries_total").increment(1);
     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
         tracing::warn!(error = %e, "cannot nak");
     }
+}
+
+/// The delay before the next try of work delivered `delivered` times.
+fn backoff(delivered: i64) -> Duration {
+    // Zero or less (never sent by JetStream) counts as the first try; huge counts as many.
+    let doublings = u32::try_from(delivered.saturating_sub(1).max(0))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    (RETRY_FIRST * 2u32.pow(doublings)).min(RETRY_MAX)
 }
 
 async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>) {
@@ -104,11 +124,14 @@ async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>)
     }
     let batch: Vec<(Uuid, Message)> = items.iter().map(|(_, id, m)| (*id, m.clone())).collect();
     let span = tracing::info_span!("store.write", messages = batch.len());
-    let stored = match messages::persist(&state.db, &batch).instrument(span).await {
+    let stored = match ops::timed(DB, "persist", messages::persist(&state.db, &batch))
+        .instrument(span)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             for (msg, _, _) in &items {
-                retry_later(msg, &e, DB_RETRY_DELAY).await;
+                retry_later(msg, &e).await;
             }
             return;
         }
@@ -119,6 +142,7 @@ async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>)
         telemetry::extract(msg.headers.as_ref(), &span);
         async {
             if stored {
+                metrics::counter!("chat_store_messages_stored_total").increment(1);
                 // The "stored" notice: the sure path to every device of both users.
                 m.status = Status::Sent;
                 let frame = ServerFrame::Message(m.clone());
@@ -136,9 +160,12 @@ async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>)
 
 /// Whether to retry a mark naming messages not stored yet, or give up on it.
 async fn missing(msg: &jetstream::Message, what: &str) {
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    if delivered < MAX_MARK_RETRIES {
-        let _ = msg.ack_with(AckKind::Nak(Some(MARK_RETRY_DELAY))).await;
+    let info = msg.info().ok();
+    let delivered = info.as_ref().map_or(1, |i| i.delivered);
+    let published = info.map_or(time::OffsetDateTime::UNIX_EPOCH, |i| i.published);
+    let age = time::OffsetDateTime::now_utc() - published;
+    if age < MARK_PATIENCE {
+        let _ = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
     } else {
         tracing::warn!(
             what,
@@ -160,8 +187,14 @@ async fn mark_delivered(state: &State, msg: jetstream::Message, req: StoreAck) {
         if ids.is_empty() {
             return ack(&msg).await;
         }
-        match messages::deliver(&state.db, req.user_id, &ids).await {
-            Err(e) => retry_later(&msg, &e, DB_RETRY_DELAY).await,
+        match ops::timed(
+            DB,
+            "deliver",
+            messages::deliver(&state.db, req.user_id, &ids),
+        )
+        .await
+        {
+            Err(e) => retry_later(&msg, &e).await,
             Ok(marked) => {
                 for (id, sender) in marked.receipts {
                     let frame = ServerFrame::Receipt {
@@ -190,8 +223,14 @@ async fn mark_read(state: &State, msg: jetstream::Message, req: StoreRead) {
         let Some(up_to) = messages::parse_id(&req.up_to) else {
             return ack(&msg).await;
         };
-        match messages::read(&state.db, req.user_id, req.peer, up_to).await {
-            Err(e) => retry_later(&msg, &e, DB_RETRY_DELAY).await,
+        match ops::timed(
+            DB,
+            "read",
+            messages::read(&state.db, req.user_id, req.peer, up_to),
+        )
+        .await
+        {
+            Err(e) => retry_later(&msg, &e).await,
             Ok(None) => missing(&msg, "read").await,
             Ok(Some(())) => {
                 let frame = ServerFrame::Receipt {
@@ -206,4 +245,18 @@ async fn mark_read(state: &State, msg: jetstream::Message, req: StoreRead) {
     }
     .instrument(span)
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        let delays: Vec<Duration> = (1..=8).map(super::backoff).collect();
+        let ms: Vec<u128> = delays.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(super::backoff(i64::MAX), super::RETRY_MAX);
+        assert_eq!(super::backoff(0), super::RETRY_FIRST);
+    }
 }

@@ -14,6 +14,11 @@ pub enum Error {
     Nats(#[from] chat_runtime::nats::Error),
     #[error("NATS subscription: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 impl Error {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use chat_proto::Subjects;
-use chat_runtime::nats;
+use chat_runtime::{nats, ops};
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,6 +44,9 @@ pub struct App {
     state: State,
     rpc: async_nats::Subscriber,
     consumer: jetstream::consumer::PullConsumer,
+    /// The stream the consumer reads, to report its lag.
+    stream: jetstream::stream::Stream,
+    ops: tokio::net::TcpListener,
 }
 
 impl App {
@@ -51,6 +54,12 @@ impl App {
     /// streams and the durable consumer exist, and subscribes to requests.
     pub async fn build(config: Config) -> Result<App, Error> {
         let subjects = Arc::new(config.common.namespace.clone());
+        let ops = ops::bind(&config.ops_addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.ops_addr.clone(),
+                source,
+            })?;
         let client = nats::connect(&config.common.nats_url, "chat-store").await?;
         let db = db::connect(&config.database_url).await?;
         db::migrate(&db).await?;
@@ -70,6 +79,23 @@ impl App {
             },
             rpc,
             consumer,
+            stream: store_stream,
+            ops,
+        })
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` answer.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        ops::local_addr(&self.ops)
+    }
+
+    /// Ready while NATS is connected and MySQL answers.
+    fn readiness(&self) -> ops::Readiness {
+        ops::readiness(self.state.clone(), |state| async move {
+            vec![
+                ops::nats_check(&state.nats),
+                ops::probe("mysql", state.db.ping()).await,
+            ]
         })
     }
 
@@ -78,6 +104,13 @@ impl App {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let ready = self.readiness();
+        tasks.spawn(ops::serve(self.ops, ready, cancel.clone()));
+        tasks.spawn(ops::report_lag(
+            self.stream,
+            self.state.subjects.store_consumer(),
+            cancel.clone(),
+        ));
         tasks.spawn(rpc::serve(self.state.clone(), self.rpc, cancel.clone()));
         let state = self.state.clone();
         tasks.spawn(nats::consume(

@@ -9,7 +9,7 @@ use chat_proto::envelope::{
 use chat_proto::limits::{BACKLOG_PAGE, PAGE_MAX};
 use chat_proto::subjects::StoreOp;
 use chat_proto::{ErrorBody, ErrorCode};
-use chat_runtime::{nats, telemetry};
+use chat_runtime::{nats, ops, telemetry};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,7 @@ async fn handle(state: State, msg: async_nats::Message) {
     let span = tracing::info_span!("store.rpc", op = ?op);
     telemetry::extract(msg.headers.as_ref(), &span);
     let db = &state.db;
-    async {
+    let work = async {
         match op {
             StoreOp::Register => {
                 answer(&state, &msg, |r: Credentials| async move {
@@ -115,9 +115,10 @@ async fn handle(state: State, msg: async_nats::Message) {
                 .await
             }
         }
-    }
-    .instrument(span)
-    .await;
+    };
+    ops::timed("chat_store_rpc_seconds", op.as_str(), work)
+        .instrument(span)
+        .await;
 }
 
 /// Decodes the request, runs `f` and sends its reply. Bad input is answered `bad_request`;

@@ -1,0 +1,49 @@
+//! The gateway's Prometheus metrics, named in one place (`docs/operations.md` lists them).
+
+use chat_proto::frame::ServerFrame;
+
+/// A frame a client sent, by `type` (`invalid` when it could not be parsed).
+pub(crate) fn frame_in(kind: &'static str) {
+    metrics::counter!("chat_gateway_frames_in_total", "type" => kind).increment(1);
+}
+
+/// A frame queued for a client, by `type`; `error` frames also count by code.
+pub(crate) fn frame_out(frame: &ServerFrame) {
+    frame_out_kind(frame.kind());
+    if let ServerFrame::Error { code, .. } = frame {
+        metrics::counter!("chat_gateway_errors_total", "code" => code.as_str()).increment(1);
+    }
+}
+
+/// A frame queued for a client, by `type`.
+pub(crate) fn frame_out_kind(kind: &'static str) {
+    metrics::counter!("chat_gateway_frames_out_total", "type" => kind).increment(1);
+}
+
+/// The static name of an event's `type` from NATS (bounded label values).
+pub(crate) fn event_kind(kind: &str) -> &'static str {
+    match kind {
+        "message" => "message",
+        "receipt" => "receipt",
+        "presence" => "presence",
+        "typing" => "typing",
+        _ => "other",
+    }
+}
+
+/// A message JetStream holds for the first time (`sent` with a new id).
+pub(crate) fn accepted() {
+    metrics::counter!("chat_gateway_messages_accepted_total").increment(1);
+}
+
+/// A live message pushed to a device of its recipient for the first time on that
+/// connection: the end-to-end delivery latency since the gateway accepted it (`ts`).
+pub(crate) fn delivered_live(accepted_ms: i64) {
+    let seconds = (chat_proto::now_ms() - accepted_ms).max(0) as f64 / 1000.0;
+    metrics::histogram!("chat_delivery_latency_seconds").record(seconds);
+}
+
+/// A message pushed from the backlog.
+pub(crate) fn replayed() {
+    metrics::counter!("chat_gateway_messages_replayed_total").increment(1);
+}
