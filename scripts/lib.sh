@@ -62,3 +62,16 @@ ensure_backends() {
   ensure_one MariaDB "$DATABASE_URL" /usr/sbin/mariadbd mariadb-server \
     start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
 }
+
+# Headless Chromium and its WebDriver, for the web client's browser test (Debian packages;
+# the emoji font makes screenshots show emoji as users see them).
+ensure_browser() {
+  [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
+  echo "installing chromium and chromium-driver for the browser test ..." >&2
+  local sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends \
+    chromium chromium-driver fonts-noto-color-emoji >/dev/null ||
+    { $sudo apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y \
+        --no-install-recommends chromium chromium-driver fonts-noto-color-emoji >/dev/null; }
+}

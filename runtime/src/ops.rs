@@ -113,8 +113,10 @@ async fn readyz(State(ready): State<Readiness>) -> Response {
     } else {
         let down: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.backend).collect();
         let error = serde_json::json!({
-            "error": chat_proto::ErrorCode::NotReady,
-            "message": format!("not ready: {} unreachable", down.join(", ")),
+            "error": {
+                "code": chat_proto::ErrorCode::NotReady,
+                "message": format!("not ready: {} unreachable", down.join(", ")),
+            },
             "checks": body,
         });
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(error)).into_response()

@@ -46,7 +46,15 @@ fn readiness(
     move |want| {
         let (http, url) = (http.clone(), format!("{ops_url}/readyz"));
         Box::pin(async move {
-            let status = http.get(&url).send().await.ok()?.status();
+            let r = http.get(&url).send().await.ok()?;
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.ok()?;
+            if !status.is_success() {
+                // Not ready names the error and the check that failed.
+                assert_eq!(status, 503);
+                assert_eq!(body["error"]["code"], "not_ready");
+                assert!(body["checks"].as_object()?.values().any(|v| v == "down"));
+            }
             (status.is_success() == want).then_some(())
         })
     }

@@ -5,6 +5,7 @@
 mod abuse;
 mod api;
 mod backlog;
+mod browser;
 mod errors;
 mod faults;
 mod history;

@@ -16,6 +16,7 @@ mod meters;
 mod send;
 mod sessions;
 mod settle;
+mod web;
 mod ws;
 
 use std::collections::{HashMap, HashSet};
@@ -159,6 +160,7 @@ impl App {
             )
             .route("/ws", get(ws::upgrade))
             .merge(chat_runtime::ops::routes(api::readiness(&state)))
+            .merge(web::routes())
             .layer(TraceLayer::new_for_http())
             .with_state(state.clone());
         let every = (state.config.presence_ttl / 3).max(Duration::from_millis(100));
