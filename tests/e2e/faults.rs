@@ -328,6 +328,73 @@ async fn mariadb_stopped_for_ten_seconds_loses_nothing() {
     drop(mariadb);
 }
 
+/// SIGTERM to a replica of each service while traffic flows (what compose sends on a scale
+/// down or a redeploy): each exits by itself within its grace period, the gateway closes its
+/// sockets with 1001 and ends their sessions at once (a peer sees the user offline long before
+/// the presence TTL), and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_a_replica_of_each_service_loses_nothing() {
+    const GRACE: Duration = Duration::from_secs(15);
+    let (mut env, users) = deployment(Options {
+        gateways: 2,
+        routers: 2,
+        stores: 2,
+        presence_ttl: Duration::from_secs(60),
+        ..Options::default()
+    })
+    .await;
+    let (leaver, watcher) = (env.user("leaver").await, env.user("watcher").await);
+    let mut on_leaving = env.connect_to(&leaver, 0).await;
+    let mut watching = env.connect_to(&watcher, 1).await;
+    on_leaving.backlog().await;
+    watching.backlog().await;
+    on_leaving.send_and_confirm(watcher.id, "hi", "hi").await;
+    watching.expect_body("hi").await;
+
+    let urls = vec![env.ws_url(0), env.ws_url(1)];
+    let (gateway, router, store) = (env.take_gateway(0), env.take_router(0), env.take_store(0));
+    // Slower than the other runs, so every stop lands while all clients are still sending.
+    let run = Traffic {
+        pace: Duration::from_millis(100),
+        ..traffic(&users)
+    };
+    let (report, (gateway, router, store)) = run
+        .run(urls, |progress| async move {
+            let (mut gateway, mut router, mut store) = (gateway, router, store);
+            progress.until_sent(250).await;
+            let status = store.terminate(GRACE).await;
+            assert!(status.is_some_and(|s| s.success()), "store: {status:?}");
+            progress.until_sent(450).await;
+            let status = router.terminate(GRACE).await;
+            assert!(status.is_some_and(|s| s.success()), "router: {status:?}");
+            progress.until_sent(650).await;
+            let status = gateway.terminate(GRACE).await;
+            assert!(status.is_some_and(|s| s.success()), "gateway: {status:?}");
+            // A redeploy brings it back (the history check goes through it); the router and
+            // store stay down: their other replicas carry on.
+            gateway.restart().await;
+            (gateway, router, store)
+        })
+        .await;
+    assert!(
+        report.reconnects >= USERS / 2,
+        "the stopped gateway's clients reconnected ({})",
+        report.reconnects
+    );
+    assert_eq!(on_leaving.expect_close().await, Some(1001));
+    let offline = watching
+        .expect("leaver offline", |v| {
+            v["type"] == "presence" && v["user_id"] == leaver.id
+        })
+        .await;
+    assert_eq!(offline["online"], false);
+    env.put_back_gateway(0, gateway);
+    env.put_back(router);
+    env.put_back(store);
+    report.check(&env).await;
+    env.finish().await;
+}
+
 /// Scenario 8: two of each service, and a replica of a randomly chosen service killed with
 /// `kill -9` (and restarted) every 500 messages while traffic flows for about a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,7 +111,7 @@ impl Service {
                 cancel.cancel();
                 let _ = task.await;
             }
-            Service::Process(p) => p.terminate(Duration::from_secs(15)).await,
+            Service::Process(p) => drop(p.terminate(Duration::from_secs(15)).await),
             Service::Stopped => {}
         }
     }

@@ -93,11 +93,10 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, and wait for it to exit (SIGKILL after `grace`).
-    pub async fn terminate(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
+    /// SIGTERM, and wait for it to exit (SIGKILL after `grace`). Returns its exit status when
+    /// it exited by itself within `grace`, `None` when it had to be killed.
+    pub async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
         if let Some(pid) = child.id() {
             let _ = Command::new("kill")
                 .arg("-TERM")
@@ -105,9 +104,13 @@ impl Proc {
                 .status()
                 .await;
         }
-        if tokio::time::timeout(grace, child.wait()).await.is_err() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                None
+            }
         }
     }
 
