@@ -4,10 +4,16 @@
 //! trace and span id, so [`inject`] can put the current span's `traceparent` into NATS
 //! headers and [`extract`] can make the receiving service's span its child: one trace per
 //! message across gateway, router and store.
+//!
+//! Spans are exported over OTLP/HTTP when the standard variables ask for it
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, with
+//! `OTEL_EXPORTER_OTLP_PROTOCOL` `http/protobuf` (default) or `http/json`, and the `OTEL_BSP_*`
+//! batch settings), under the service name given to [`init`]; with none set, nothing is sent.
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -36,7 +42,18 @@ pub fn init(service: &'static str) -> TelemetryGuard {
 /// Like [`init`], with logs only when `logs` is set: trace context (ids, `traceparent`) works
 /// either way. Tests call it with logs off unless asked for. A second call changes nothing.
 pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
-    let provider = SdkTracerProvider::builder().build();
+    let resource = Resource::builder().with_service_name(service).build();
+    let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    if otlp_requested() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
+            Err(e) => eprintln!("{service}: cannot export traces over OTLP: {e}"),
+        }
+    }
+    let provider = provider.build();
     let tracer = provider.tracer(service);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = logs.then(|| {
@@ -52,6 +69,14 @@ pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
         .with(otel)
         .try_init();
     TelemetryGuard { provider }
+}
+
+/// Whether the environment asks for OTLP export (and does not switch the SDK off).
+fn otlp_requested() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let off = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v == "none");
+    !off && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);

@@ -286,6 +286,12 @@ async fn two_people_chat_in_the_browser_through_logout_xss_and_a_gateway_crash()
     .await;
     until(&alice, "bob online", |s| s["peer_state"] == "online").await;
 
+    // Bob starts typing: Alice sees it.
+    let typing = bob.find(Locator::Css("#message")).await.unwrap();
+    typing.send_keys("Hi").await.unwrap();
+    until(&alice, "bob typing", |s| s["peer_state"] == "typing…").await;
+    typing.clear().await.unwrap();
+
     // Bob answers; an HTML body is shown as text and runs nothing.
     let xss = "<img src=x onerror=alert(1)>";
     say(&bob, "Hi Alice!").await;

@@ -67,6 +67,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// MariaDB server (`mysql://user@host:port`) instead of the machine's.
     pub mysql_server: Option<String>,
+    /// More environment for services run as processes (`OTEL_*`, say).
+    pub process_env: Vec<(String, String)>,
     /// Run the services as real processes (which a test can kill) instead of in-process.
     pub processes: bool,
 }
@@ -87,6 +89,7 @@ impl Default for Options {
             nats_url: None,
             redis_url: None,
             mysql_server: None,
+            process_env: Vec::new(),
             processes: false,
         }
     }
@@ -255,7 +258,8 @@ impl TestEnv {
     }
 
     fn common_env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = self.options.process_env.clone();
+        env.extend([
             ("NATS_URL".into(), self.nats_url().into()),
             ("CHAT_NAMESPACE".into(), self.subjects.namespace().into()),
             (
@@ -266,7 +270,8 @@ impl TestEnv {
                 "CHAT_PRESENCE_TTL".into(),
                 format!("{}ms", self.options.presence_ttl.as_millis()),
             ),
-        ]
+        ]);
+        env
     }
 
     pub async fn start_store(&mut self) {

@@ -90,7 +90,8 @@ fn internal(client_id: Option<String>) -> Option<ServerFrame> {
 async fn handle(state: &AppState, user: UserId, item: Outgoing) -> Pending {
     match item {
         Outgoing::Send { id, send } => {
-            let span = tracing::info_span!("gateway.send", msg_id = %id, from = user, to = send.to);
+            // The root of the message's trace (not a child of the long-lived connection span).
+            let span = tracing::info_span!(parent: None, "gateway.send", msg_id = %id, from = user, to = send.to);
             accept(state, user, id, send).instrument(span).await
         }
         Outgoing::Typing { to } => {

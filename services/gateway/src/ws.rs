@@ -19,6 +19,7 @@ use chat_proto::envelope::{Backlog, Page};
 use chat_proto::frame::{ClientFrame, ServerFrame, parse_client_frame};
 use chat_proto::limits::{BACKLOG_PAGE, MAX_FRAME_BYTES};
 use chat_proto::{ErrorCode, StoreOp, UserId};
+use chat_runtime::telemetry;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -132,7 +133,7 @@ struct Connection {
     seen: RecentIds,
     /// Events that arrive while the backlog replays, pushed after it in arrival order;
     /// `None` once the backlog is done.
-    held: Option<Vec<Bytes>>,
+    held: Option<Vec<async_nats::Message>>,
     replayed: u64,
     limiter: DefaultDirectRateLimiter,
     last_heard: Instant,
@@ -304,7 +305,7 @@ impl Connection {
                     }
                 },
                 event = sub.next() => match event {
-                    Some(m) => self.on_event(m.payload),
+                    Some(m) => self.on_event(m),
                     None => Err(End::Internal),
                 },
                 event = backlog.recv(), if self.held.is_some() => match event {
@@ -412,12 +413,12 @@ impl Connection {
 
     /// An event for this user from NATS: held during the backlog replay, else pushed unless
     /// it is a message this connection already has.
-    fn on_event(&mut self, payload: Bytes) -> Result<(), End> {
+    fn on_event(&mut self, event: async_nats::Message) -> Result<(), End> {
         if let Some(held) = &mut self.held {
-            held.push(payload);
+            held.push(event);
             return Ok(());
         }
-        let head: EventHead = match serde_json::from_slice(&payload) {
+        let head: EventHead = match serde_json::from_slice(&event.payload) {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable user event");
@@ -440,8 +441,18 @@ impl Connection {
             {
                 meters::delivered_live(ts);
             }
+            // The last hop of the message's trace: a root span made the child of the context
+            // the router or store sent along.
+            let span = tracing::info_span!(parent: None, "gateway.push", msg_id = id.to_string(), user_id = self.user);
+            telemetry::extract(event.headers.as_ref(), &span);
+            let _entered = span.enter();
+            return self.push_event(&head.kind, event.payload);
         }
-        meters::frame_out_kind(meters::event_kind(&head.kind));
+        self.push_event(&head.kind, event.payload)
+    }
+
+    fn push_event(&self, kind: &str, payload: Bytes) -> Result<(), End> {
+        meters::frame_out_kind(meters::event_kind(kind));
         match Utf8Bytes::try_from(payload) {
             Ok(t) => self.push(WsMessage::Text(t)),
             Err(_) => Ok(()),
@@ -475,8 +486,8 @@ impl Connection {
             count: self.replayed,
         })?;
         let held = self.held.take().unwrap_or_default();
-        for payload in held {
-            self.on_event(payload)?;
+        for event in held {
+            self.on_event(event)?;
         }
         self.seen.set_grow(false);
         Ok(())
