@@ -5,7 +5,8 @@
 - each chat service runs its own binary and sets every variable that binary reads (parsed
   from the clap `env = "..."` attributes of its config and of the shared CommonConfig), so a
   new setting cannot be forgotten here;
-- the Dockerfile builds with the same `cargo build --release --locked` as scripts/up.
+- the Dockerfile builds with the same `cargo build --release --locked` as scripts/up, and
+  scripts/test runs that build.
 """
 
 import pathlib
@@ -60,7 +61,7 @@ for name in ["gateway", "router", "store"]:
     for var in sorted(v for v in have - wanted if not v.startswith("OTEL_")):
         problems.append(f"{name}: sets {var}, which chat-{name} does not read")
 
-for path in ["Dockerfile", "scripts/up"]:
+for path in ["Dockerfile", "scripts/up", "scripts/test"]:
     if BUILD not in (ROOT / path).read_text():
         problems.append(f"{path} does not build with `{BUILD}`")
 

@@ -38,6 +38,8 @@ async fn every_service_reports_health_readiness_and_metrics() {
         let has = |line: &str| text.lines().any(|l| l.starts_with(line));
         let all = [
             "chat_gateway_connections 2",
+            "chat_online_users 2",
+            "chat_online_sessions 2",
             "chat_gateway_messages_accepted_total 1",
             "chat_gateway_frames_in_total{type=\"send\"} 1",
             "chat_gateway_frames_out_total{type=\"sent\"} 1",

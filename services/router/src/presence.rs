@@ -6,6 +6,7 @@
 //! `<ns>:expiry`, indexes every session by expiry so that a sweep (run by any router, each
 //! entry claimed atomically by one) can announce users who went offline by expiry.
 //! Every change runs as one Lua script, so two routers never both announce one transition.
+//! A set `<ns>:online` holds the users online now, for the `chat_online_users` gauge.
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ for i = 5, #ARGV, 2 do
   local key = prefix .. 'sessions:' .. user
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   if redis.call('ZCARD', key) == 0 then table.insert(came, user) end
+  redis.call('SADD', prefix .. 'online', user)
   redis.call('ZADD', key, expires, session)
   redis.call('PEXPIRE', key, keep)
   redis.call('ZADD', prefix .. 'expiry', expires, user .. '|' .. session)
@@ -39,7 +41,10 @@ local key = prefix .. 'sessions:' .. user
 local removed = redis.call('ZREM', key, session)
 redis.call('ZREM', prefix .. 'expiry', user .. '|' .. session)
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-if removed == 1 and redis.call('ZCARD', key) == 0 then return 1 end
+if removed == 1 and redis.call('ZCARD', key) == 0 then
+  redis.call('SREM', prefix .. 'online', user)
+  return 1
+end
 return 0
 ";
 
@@ -56,7 +61,10 @@ for _, entry in ipairs(due) do
   local user = string.sub(entry, 1, sep - 1)
   local key = prefix .. 'sessions:' .. user
   local removed = redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if removed > 0 and redis.call('ZCARD', key) == 0 then table.insert(gone, user) end
+  if removed > 0 and redis.call('ZCARD', key) == 0 then
+    redis.call('SREM', prefix .. 'online', user)
+    table.insert(gone, user)
+  end
 end
 return gone
 ";
@@ -133,6 +141,14 @@ impl Presence {
         let mut call = self.sweep.prepare_invoke();
         call.arg(&self.prefix).arg(chat_proto::now_ms()).arg(max);
         ops::timed(REDIS, "sweep", call.invoke_async(&mut self.redis.clone())).await
+    }
+
+    /// Users online and live sessions, across every gateway.
+    pub(crate) async fn counts(&self) -> redis::RedisResult<(u64, u64)> {
+        let mut pipe = redis::pipe();
+        pipe.scard(format!("{}online", self.prefix))
+            .zcard(format!("{}expiry", self.prefix));
+        ops::timed(REDIS, "counts", pipe.query_async(&mut self.redis.clone())).await
     }
 
     /// How many live sessions each user has, in one pipelined round trip.

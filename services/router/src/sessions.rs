@@ -127,6 +127,10 @@ pub(crate) async fn sweep(state: State, every: Duration, cancel: CancellationTok
             }
             Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
         }
+        if let Ok((users, sessions)) = state.presence.counts().await {
+            metrics::gauge!("chat_online_users").set(users as f64);
+            metrics::gauge!("chat_online_sessions").set(sessions as f64);
+        }
     }
 }
 
