@@ -99,7 +99,8 @@ async fn otlp_receiver() -> (String, Spans) {
 
 /// The three services, as processes exporting over OTLP: one message makes one trace whose
 /// root is the sender's gateway span, with the router's routing span, the store's write
-/// span and the recipient's gateway push span as its descendants.
+/// span and the recipient's gateway push span as its descendants; a connect's backlog
+/// replay is a trace of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_is_one_exported_trace_across_the_three_services() {
     let (endpoint, spans) = otlp_receiver().await;
@@ -158,6 +159,23 @@ async fn one_message_is_one_exported_trace_across_the_three_services() {
         services.into_iter().collect::<Vec<_>>(),
         ["chat-gateway", "chat-router", "chat-store"]
     );
+    // Each connect's backlog replay, and each HTTP request (register, login), is a trace of
+    // its own, holding the store's answer.
+    for root_name in ["gateway.backlog", "request"] {
+        chat_tests::eventually(&format!("{root_name} traced"), || async {
+            let spans = spans.lock().unwrap().clone();
+            spans
+                .iter()
+                .filter(|s| s.0 == "chat-gateway" && s.4 == root_name && s.3.is_empty())
+                .any(|r| {
+                    spans
+                        .iter()
+                        .any(|s| s.0 == "chat-store" && s.4 == "store.rpc" && s.3 == r.2)
+                })
+                .then_some(())
+        })
+        .await;
+    }
     eprintln!("trace {} of message {id}:", root.1);
     for s in &tree {
         eprintln!("  {} {} (span {}, parent {})", s.0, s.4, s.2, s.3);

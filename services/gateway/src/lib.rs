@@ -33,7 +33,7 @@ use chat_proto::{Subjects, UserId};
 use chat_runtime::nats;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultMakeSpan, TraceLayer};
 
 pub use config::{Config, DEV_JWT_SECRET};
 pub use error::ApiError;
@@ -161,7 +161,12 @@ impl App {
             .route("/ws", get(ws::upgrade))
             .merge(chat_runtime::ops::routes(api::readiness(&state)))
             .merge(web::routes())
-            .layer(TraceLayer::new_for_http())
+            // An info-level span per request: login, history and the rest are traces of their
+            // own, with the store's work beneath (tower-http's default level is debug).
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO)),
+            )
             .with_state(state.clone());
         let every = (state.config.presence_ttl / 3).max(Duration::from_millis(100));
         let beat = tokio::spawn(sessions::heartbeat(

@@ -171,8 +171,11 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
         state.session_up(user, &session_id).await;
         // (c) Only then ask for what was waiting.
         let (backlog_tx, backlog_rx) = mpsc::channel(2);
+        // The replay is a trace of its own (its store requests are its children), linked in
+        // the logs to the connection by user id.
+        let replay = tracing::info_span!(parent: None, "gateway.backlog", user_id = user);
         let backlog =
-            tokio::spawn(fetch_backlog(state.clone(), user, backlog_tx).in_current_span());
+            tokio::spawn(fetch_backlog(state.clone(), user, backlog_tx).instrument(replay));
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let sender = tokio::spawn(
             send::run(state.clone(), user, outgoing_rx, out.clone()).in_current_span(),
