@@ -2,7 +2,7 @@
 //! (WebDriver, `fantoccini`). Two users in two separate browser profiles register, find each
 //! other, chat with ticks going to read, one logs out and back in to a backlog, an HTML body
 //! shows as text, and a gateway `kill -9` mid-conversation reconnects by itself and loses
-//! nothing. `UPDATE_SCREENSHOTS=1` writes `docs/screenshots/{desktop,phone}.png`.
+//! nothing; neither page logs a console error. `UPDATE_SCREENSHOTS=1` writes `docs/screenshots/{desktop,phone}.png`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -23,6 +23,28 @@ struct Driver {
 }
 
 impl Driver {
+    /// What the page wrote to the console at level SEVERE (errors, failed loads) since the
+    /// last call, through chromedriver's log endpoint.
+    async fn console_errors(&self, b: &Client) -> Vec<String> {
+        let id = b.session_id().await.unwrap().expect("a session");
+        let log: Value = reqwest::Client::new()
+            .post(format!("{}/session/{id}/se/log", self.url))
+            .json(&json!({"type": "browser"}))
+            .send()
+            .await
+            .expect("chromedriver answers")
+            .json()
+            .await
+            .expect("a log");
+        log["value"]
+            .as_array()
+            .expect("log entries")
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     async fn start() -> Driver {
         assert!(
             std::path::Path::new(CHROMEDRIVER).exists(),
@@ -50,6 +72,7 @@ impl Driver {
     /// A browser with a fresh profile of its own (its own cookies and local storage).
     async fn browser(&self, profile: &tempdir::Dir) -> Client {
         let caps = json!({
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": [
@@ -380,6 +403,17 @@ async fn two_people_chat_in_the_browser_through_logout_xss_and_a_gateway_crash()
     })
     .await;
 
+    // Nothing went wrong in either page, apart from what the test did on purpose: the
+    // connection refused while the gateway was down, and the 401/409 of the wrong logins.
+    for (who, b) in [("alice", &alice), ("bob", &bob)] {
+        let errors: Vec<String> = driver
+            .console_errors(b)
+            .await
+            .into_iter()
+            .filter(|e| !e.contains("ERR_CONNECTION_REFUSED") && !e.contains("/ws?token="))
+            .collect();
+        assert!(errors.is_empty(), "{who}'s console: {errors:#?}");
+    }
     alice.close().await.unwrap();
     bob.close().await.unwrap();
     env.finish().await;
