@@ -161,11 +161,6 @@ pub async fn report_lag(
     }
 }
 
-/// Binds `addr` for the operations port (`:0` picks a free port).
-pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
 /// Serves [`routes`] on `listener` until `cancel` fires.
 pub async fn serve(listener: tokio::net::TcpListener, ready: Readiness, cancel: CancellationToken) {
     let addr = listener

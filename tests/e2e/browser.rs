@@ -70,7 +70,7 @@ impl Driver {
     }
 
     /// A browser with a fresh profile of its own (its own cookies and local storage).
-    async fn browser(&self, profile: &tempdir::Dir) -> Client {
+    async fn browser(&self, profile: &tempfile::TempDir) -> Client {
         let caps = json!({
             "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
@@ -79,7 +79,7 @@ impl Driver {
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-quic", "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--window-size=1280,800",
-                    format!("--user-data-dir={}", profile.path.display()),
+                    format!("--user-data-dir={}", profile.path().display()),
                 ],
             }
         });
@@ -91,32 +91,6 @@ impl Driver {
             .connect(&self.url)
             .await
             .expect("a browser session")
-    }
-}
-
-mod tempdir {
-    use std::path::PathBuf;
-
-    /// A directory removed on drop.
-    pub(super) struct Dir {
-        pub(super) path: PathBuf,
-    }
-
-    impl Dir {
-        pub(super) fn new(name: &str) -> Dir {
-            let path = std::env::temp_dir().join(format!(
-                "chat-browser-{name}-{}",
-                uuid::Uuid::new_v4().simple()
-            ));
-            std::fs::create_dir_all(&path).expect("a profile directory");
-            Dir { path }
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
     }
 }
 
@@ -251,14 +225,15 @@ async fn two_people_chat_in_the_browser_through_logout_xss_and_a_gateway_crash()
     .await;
     let base = env.base_url(0);
     let driver = Driver::start().await;
-    let (pa, pb) = (tempdir::Dir::new("alice"), tempdir::Dir::new("bob"));
+    let profile = || tempfile::tempdir().expect("a browser profile directory");
+    let (pa, pb) = (profile(), profile());
     let alice = driver.browser(&pa).await;
     let bob = driver.browser(&pb).await;
 
     register(&alice, &base, "alice").await;
     register(&bob, &base, "bob").await;
     // A name that is taken is said next to the field.
-    let eve = tempdir::Dir::new("eve");
+    let eve = profile();
     let third = driver.browser(&eve).await;
     third.goto(&base).await.unwrap();
     fill(&third, "#username", "alice").await;

@@ -38,26 +38,18 @@ fn traffic(users: &[User]) -> Traffic {
     }
 }
 
-/// A probe of a service's `/readyz`: `Some` once its readiness is `want`.
-fn readiness(
-    ops_url: String,
-) -> impl Fn(bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<()>> + Send>> {
-    let http = reqwest::Client::new();
-    move |want| {
-        let (http, url) = (http.clone(), format!("{ops_url}/readyz"));
-        Box::pin(async move {
-            let r = http.get(&url).send().await.ok()?;
-            let status = r.status();
-            let body: serde_json::Value = r.json().await.ok()?;
-            if !status.is_success() {
-                // Not ready names the error and the check that failed.
-                assert_eq!(status, 503);
-                assert_eq!(body["error"]["code"], "not_ready");
-                assert!(body["checks"].as_object()?.values().any(|v| v == "down"));
-            }
-            (status.is_success() == want).then_some(())
-        })
+/// `Some` once the service at `ops_url` is ready (`want`) or not: a probe of its `/readyz`,
+/// which when not ready must name the error and the check that failed.
+async fn readyz_is(ops_url: &str, want: bool) -> Option<()> {
+    let r = reqwest::get(format!("{ops_url}/readyz")).await.ok()?;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.ok()?;
+    if !status.is_success() {
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["code"], "not_ready");
+        assert!(body["checks"].as_object()?.values().any(|v| v == "down"));
     }
+    (status.is_success() == want).then_some(())
 }
 
 /// Scenario 1: `kill -9` the router mid-traffic, start it again: nothing lost.
@@ -266,7 +258,7 @@ async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
         ..Options::default()
     })
     .await;
-    let ready = readiness(env.router_ops_url(0));
+    let router = env.router_ops_url(0);
     let watcher = env.user("watcher").await;
     let mut online = env.connect(&users[0]).await;
     online.backlog().await;
@@ -274,9 +266,12 @@ async fn redis_restarted_empty_loses_nothing_and_presence_rebuilds() {
         .run(vec![env.ws_url(0)], |progress| async move {
             progress.until_sent(300).await;
             redis.kill9().await;
-            chat_tests::eventually("router not ready without Redis", || ready(false)).await;
+            chat_tests::eventually("router not ready without Redis", || {
+                readyz_is(&router, false)
+            })
+            .await;
             redis.restart().await;
-            chat_tests::eventually("router ready again", || ready(true)).await;
+            chat_tests::eventually("router ready again", || readyz_is(&router, true)).await;
             redis
         })
         .await;
@@ -303,19 +298,22 @@ async fn mariadb_stopped_for_ten_seconds_loses_nothing() {
         ..Options::default()
     })
     .await;
-    let ready = readiness(env.store_ops_url(0));
-    chat_tests::eventually("store ready", || ready(true)).await;
+    let store = env.store_ops_url(0);
+    chat_tests::eventually("store ready", || readyz_is(&store, true)).await;
     let (report, (mariadb, sent_during)) = traffic(&users)
         .run(vec![env.ws_url(0)], |progress| async move {
             progress.until_sent(300).await;
             mariadb.kill9().await;
             let stopped = progress.sent();
-            chat_tests::eventually("store not ready without MariaDB", || ready(false)).await;
+            chat_tests::eventually("store not ready without MariaDB", || {
+                readyz_is(&store, false)
+            })
+            .await;
             // The outage lasts 10 s (the scenario's length, not a wait for something).
             tokio::time::sleep(OUTAGE).await;
             let sent_during = progress.sent() - stopped;
             mariadb.restart().await;
-            chat_tests::eventually("store ready again", || ready(true)).await;
+            chat_tests::eventually("store ready again", || readyz_is(&store, true)).await;
             (mariadb, sent_during)
         })
         .await;

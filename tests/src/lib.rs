@@ -114,7 +114,9 @@ impl Service {
                 cancel.cancel();
                 let _ = task.await;
             }
-            Service::Process(p) => drop(p.terminate(Duration::from_secs(15)).await),
+            Service::Process(p) => {
+                let _ = p.terminate(Duration::from_secs(15)).await;
+            }
             Service::Stopped => {}
         }
     }

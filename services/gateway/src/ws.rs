@@ -446,7 +446,7 @@ impl Connection {
             }
             // The last hop of the message's trace: a root span made the child of the context
             // the router or store sent along.
-            let span = tracing::info_span!(parent: None, "gateway.push", msg_id = id.to_string(), user_id = self.user);
+            let span = tracing::info_span!(parent: None, "gateway.push", msg_id = %id, user_id = self.user);
             telemetry::extract(event.headers.as_ref(), &span);
             let _entered = span.enter();
             return self.push_event(&head.kind, event.payload);

@@ -581,7 +581,6 @@ function renderPeerState() {
   $("peer-name").textContent = c.peer.username;
   const typing = c.typingUntil && c.typingUntil > Date.now();
   $("peer-state").textContent = typing ? "typing…" : lastSeenText(c.peer);
-  $("typing").textContent = "";
 }
 
 const STATUS_MARK = { pending: "◷", sent: "✓", delivered: "✓✓", read: "✓✓" };

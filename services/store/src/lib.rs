@@ -54,7 +54,7 @@ impl App {
     /// streams and the durable consumer exist, and subscribes to requests.
     pub async fn build(config: Config) -> Result<App, Error> {
         let subjects = Arc::new(config.common.namespace.clone());
-        let ops = ops::bind(&config.ops_addr)
+        let ops = tokio::net::TcpListener::bind(&config.ops_addr)
             .await
             .map_err(|source| Error::Listen {
                 addr: config.ops_addr.clone(),
