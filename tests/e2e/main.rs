@@ -5,6 +5,7 @@
 mod abuse;
 mod api;
 mod backlog;
+mod bench;
 mod browser;
 mod errors;
 mod faults;

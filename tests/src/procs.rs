@@ -15,7 +15,8 @@ pub struct Proc {
     child: Option<Child>,
 }
 
-fn bin_path(bin: &str) -> PathBuf {
+/// A binary of this workspace next to the test binary (`target/<profile>/<bin>`).
+pub fn bin_path(bin: &str) -> PathBuf {
     // The test binary lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("the test binary's path");
     let dir = exe

@@ -29,6 +29,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use chat_proto::{Subjects, UserId};
 use chat_runtime::nats;
 use tokio_util::sync::CancellationToken;
@@ -181,7 +182,13 @@ impl App {
         };
         let service = routes.into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "chat-gateway serving");
-        if let Err(e) = axum::serve(self.listener, service)
+        // Frames are small and latency matters: no waiting for Nagle's algorithm.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
+        if let Err(e) = axum::serve(listener, service)
             .with_graceful_shutdown(stopping)
             .await
         {

@@ -1,0 +1,328 @@
+//! The chat's public contract as a client sees it (PROTOCOL.md): accounts over HTTP, sessions
+//! over WebSocket. Nothing here knows how the server is built, so the same driver loads the
+//! whole stack and the bare relay alike.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use url::Url;
+
+/// A user the tool registered, with a token to connect as it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Account {
+    pub username: String,
+    pub password: String,
+    pub user_id: i64,
+    pub token: String,
+}
+
+/// The HTTP side of one server.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: Url,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Result<Api> {
+        let base = Url::parse(base).with_context(|| format!("--base {base:?} is not a URL"))?;
+        Ok(Api {
+            http: reqwest::Client::new(),
+            base,
+        })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// `ws://host:port/ws` for an `http://host:port` base.
+    pub fn ws_url(&self) -> Url {
+        let mut url = self.base.join("/ws").expect("/ws is a valid path");
+        let scheme = if self.base.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
+        url.set_scheme(scheme)
+            .expect("ws and wss are valid schemes");
+        url
+    }
+
+    /// The address the server listens on (to find its process).
+    pub fn server_port(&self) -> Option<u16> {
+        self.base.port_or_known_default()
+    }
+
+    pub async fn register_and_login(&self, username: &str, password: &str) -> Result<Account> {
+        let body = json!({"username": username, "password": password});
+        let response = self
+            .http
+            .post(self.base.join("/api/v1/register")?)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        if status.as_u16() != 201 && status.as_u16() != 409 {
+            bail!("register {username}: {status} {}", response.text().await?);
+        }
+        let response = self
+            .http
+            .post(self.base.join("/api/v1/login")?)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!("login {username}: {status} {}", response.text().await?);
+        }
+        #[derive(Deserialize)]
+        struct Login {
+            token: String,
+            user_id: i64,
+        }
+        let login: Login = response.json().await?;
+        Ok(Account {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            user_id: login.user_id,
+            token: login.token,
+        })
+    }
+
+    /// Whether `token` is still accepted.
+    pub async fn token_works(&self, token: &str) -> Result<bool> {
+        let response = self
+            .http
+            .get(self.base.join("/api/v1/me")?)
+            .bearer_auth(token)
+            .send()
+            .await?;
+        Ok(response.status().is_success())
+    }
+
+    /// `n` accounts: fresh ones, or those kept in `cache` from an earlier run against the same
+    /// server while their tokens still work (registering costs the server an argon2 hash and
+    /// logging in another, tens of milliseconds each, so thousands take minutes).
+    pub async fn accounts(&self, n: usize, cache: Option<&Path>) -> Result<Vec<Account>> {
+        #[derive(Serialize, Deserialize)]
+        struct Cache {
+            base: String,
+            accounts: Vec<Account>,
+        }
+        let mut have = Vec::new();
+        if let Some(path) = cache
+            && let Ok(text) = std::fs::read_to_string(path)
+        {
+            let cached: Cache = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an accounts file", path.display()))?;
+            let usable = cached.base == self.base.as_str()
+                && match (cached.accounts.first(), cached.accounts.last()) {
+                    (Some(first), Some(last)) => {
+                        self.token_works(&first.token).await?
+                            && self.token_works(&last.token).await?
+                    }
+                    _ => false,
+                };
+            if usable {
+                have = cached.accounts;
+            }
+        }
+        if have.len() < n {
+            let made = self.register_many(n - have.len()).await?;
+            have.extend(made);
+            if let Some(path) = cache {
+                let text = serde_json::to_string(&Cache {
+                    base: self.base.to_string(),
+                    accounts: have.clone(),
+                })?;
+                std::fs::write(path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        have.truncate(n);
+        Ok(have)
+    }
+
+    async fn register_many(&self, n: usize) -> Result<Vec<Account>> {
+        let run = run_tag();
+        let bar = crate::report::bar(n as u64, "accounts");
+        let accounts = futures::stream::iter(0..n)
+            .map(|i| {
+                let (api, bar, run) = (self.clone(), bar.clone(), run.clone());
+                async move {
+                    let account = api
+                        .register_and_login(&format!("b{run}_{i}"), "bench-password-1")
+                        .await?;
+                    bar.inc(1);
+                    anyhow::Ok(account)
+                }
+            })
+            .buffered(PROVISIONING_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+        bar.finish_and_clear();
+        Ok(accounts)
+    }
+}
+
+/// Six random letters naming this run, so its usernames and `client_id`s are new to a server
+/// that has seen earlier runs (a reused `client_id` is a retry, answered with the old message).
+pub fn run_tag() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..6)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+/// Registrations in flight at once: enough to keep the server's hashing threads busy.
+const PROVISIONING_CONCURRENCY: usize = 16;
+
+/// A frame from the server, as far as the tool cares.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Hello,
+    Sent {
+        client_id: String,
+    },
+    Message {
+        msg_id: String,
+        from: i64,
+        body: String,
+    },
+    BacklogDone {
+        count: u64,
+    },
+    Error {
+        code: String,
+        client_id: Option<String>,
+    },
+    #[serde(other)]
+    Other,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// One WebSocket session of an account.
+pub struct Session {
+    ws: Ws,
+}
+
+/// Small buffers, as the gateway uses: the tool holds thousands of idle sessions at once.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+impl Session {
+    /// Opens a session and waits for `hello`. `source` picks the local address (loopback
+    /// has all of 127.0.0.0/8), so many sessions do not run out of ports of one address.
+    pub async fn connect(url: &Url, token: &str, source: Option<IpAddr>) -> Result<Session> {
+        let host = url.host_str().context("a ws URL has a host")?;
+        let port = url.port_or_known_default().context("a ws URL has a port")?;
+        let addr = tokio::net::lookup_host((host, port))
+            .await?
+            .next()
+            .with_context(|| format!("{host} resolves to nothing"))?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut request = url.as_str().into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse()?);
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())).await?;
+        let mut session = Session { ws };
+        match session.next().await? {
+            Some(Event::Hello) => Ok(session),
+            other => Err(anyhow!("the first frame is not hello but {other:?}")),
+        }
+    }
+
+    /// The next frame the tool understands (`None` when the server closed the socket).
+    pub async fn next(&mut self) -> Result<Option<Event>> {
+        next_event(&mut self.ws).await
+    }
+
+    pub fn split(self) -> (Writer, Reader) {
+        let (sink, stream) = self.ws.split();
+        (Writer { sink }, Reader { stream })
+    }
+}
+
+async fn next_event<S>(stream: &mut S) -> Result<Option<Event>>
+where
+    S: futures::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    while let Some(frame) = stream.next().await {
+        match frame? {
+            WsMessage::Text(text) => {
+                return Ok(Some(serde_json::from_str(&text).with_context(|| {
+                    format!("a frame the contract does not allow: {text}")
+                })?));
+            }
+            WsMessage::Close(_) => return Ok(None),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// The sending half of a session.
+pub struct Writer {
+    sink: SplitSink<Ws, WsMessage>,
+}
+
+impl Writer {
+    pub async fn send(&mut self, to: i64, client_id: &str, body: &str) -> Result<()> {
+        let frame = json!({"type": "send", "to": to, "client_id": client_id, "body": body});
+        self.sink.send(WsMessage::text(frame.to_string())).await?;
+        Ok(())
+    }
+
+    /// Tells the server this device has these messages (as every real client does).
+    pub async fn ack(&mut self, msg_ids: &[String]) -> Result<()> {
+        let frame = json!({"type": "ack", "msg_ids": msg_ids});
+        self.sink.send(WsMessage::text(frame.to_string())).await?;
+        Ok(())
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.sink.close().await;
+    }
+}
+
+/// The receiving half of a session.
+pub struct Reader {
+    stream: SplitStream<Ws>,
+}
+
+impl Reader {
+    pub async fn next(&mut self) -> Result<Option<Event>> {
+        next_event(&mut self.stream).await
+    }
+}
+
+/// Most acks one frame may carry (PROTOCOL.md).
+pub const MAX_ACK_IDS: usize = 500;

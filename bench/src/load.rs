@@ -1,0 +1,511 @@
+//! Open-loop load over pairs of sessions.
+//!
+//! Each pair's sender sends on a fixed schedule whatever the server does and writes the
+//! scheduled time into the body; the pair's receiver measures from that time to the
+//! `message` frame. A server that falls behind therefore shows it as latency instead of
+//! quietly slowing the sender down (no coordinated omission). Receivers ack what they get,
+//! as every real client does.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::chat::{Account, Api, Event, MAX_ACK_IDS, Reader, Session, Writer};
+use crate::procs::{self, Target, Usage};
+use crate::report::{self, Latency};
+
+/// Sessions opened at once while setting up.
+const CONNECT_CONCURRENCY: usize = 64;
+/// How long the tool waits for the last messages once nothing has arrived any more.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
+/// A receiver acks after this many messages, or after [`ACK_EVERY`].
+const ACK_BATCH: usize = 200;
+const ACK_EVERY: Duration = Duration::from_millis(100);
+
+/// The instant body timestamps count from (the same in senders and receivers: one process).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `run:step:seq:micros:` then padding to `size` characters.
+pub fn body(run: &str, step: u32, seq: u64, at: Instant, size: usize) -> String {
+    let micros = at.saturating_duration_since(epoch()).as_micros();
+    let mut body = format!("{run}:{step}:{seq}:{micros}:");
+    while body.len() < size {
+        body.push('x');
+    }
+    body
+}
+
+/// What a body says, if it is one of this run's.
+pub struct Stamp {
+    pub step: u32,
+    pub seq: u64,
+    pub at: Instant,
+}
+
+pub fn parse_body(run: &str, body: &str) -> Option<Stamp> {
+    let mut parts = body.split(':');
+    if parts.next()? != run {
+        return None;
+    }
+    let step = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let micros: u64 = parts.next()?.parse().ok()?;
+    Some(Stamp {
+        step,
+        seq,
+        at: epoch() + Duration::from_micros(micros),
+    })
+}
+
+/// Microseconds from `at` to now, for a histogram (at least 1).
+pub fn micros_since(at: Instant) -> u64 {
+    (Instant::now().saturating_duration_since(at).as_micros() as u64).max(1)
+}
+
+/// Source addresses for many sessions: 127.0.0.2, .3, ... (all of 127/8 is loopback), so
+/// that tens of thousands of sessions do not exhaust one address's ports.
+pub fn source(i: usize, loopback: bool) -> Option<IpAddr> {
+    loopback.then(|| IpAddr::from([127, 0, (2 + i / 250) as u8 % 255, (2 + i % 250) as u8]))
+}
+
+/// Send `count` messages, one every `interval`, from `start`.
+#[derive(Clone, Copy)]
+struct Order {
+    step: u32,
+    start: Instant,
+    interval: Duration,
+    count: u64,
+}
+
+/// One pair's counters for the current step.
+struct PairStats {
+    step: u32,
+    written: u64,
+    accepted: HashSet<u64>,
+    rejected: u64,
+    first_error: Option<String>,
+    /// seq → msg_id of what the receiver got.
+    seen: HashMap<u64, String>,
+    duplicates: u64,
+    repeated: u64,
+    hist: Histogram<u64>,
+    last_delivery: Option<Instant>,
+    ended: Option<String>,
+}
+
+impl PairStats {
+    fn new() -> PairStats {
+        PairStats {
+            step: 0,
+            written: 0,
+            accepted: HashSet::new(),
+            rejected: 0,
+            first_error: None,
+            seen: HashMap::new(),
+            duplicates: 0,
+            repeated: 0,
+            hist: report::histogram(),
+            last_delivery: None,
+            ended: None,
+        }
+    }
+
+    fn reset(&mut self, step: u32) {
+        let ended = self.ended.take();
+        *self = PairStats::new();
+        self.step = step;
+        self.ended = ended;
+    }
+}
+
+struct Pair {
+    orders: mpsc::UnboundedSender<Order>,
+    stats: Arc<Mutex<PairStats>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Connected pairs, ready to be given steps of load.
+pub struct Fleet {
+    pairs: Vec<Pair>,
+    body_size: usize,
+    watched: Vec<Target>,
+    target: String,
+    next_step: u32,
+}
+
+/// What one step of load found.
+pub struct Step {
+    pub report: report::Report,
+    pub latency: Latency,
+}
+
+impl Fleet {
+    /// Connects `accounts.len() / 2` pairs (sender `2i`, receiver `2i + 1`).
+    pub async fn connect(api: &Api, accounts: &[Account], body_size: usize) -> Result<Fleet> {
+        let url = api.ws_url();
+        let loopback = url.host_str().is_some_and(|h| h.starts_with("127."));
+        let bar = report::bar(accounts.len() as u64, "sessions");
+        let sessions: Vec<Session> = futures::stream::iter(accounts.iter().enumerate())
+            .map(|(i, account)| {
+                let (url, bar) = (url.clone(), bar.clone());
+                async move {
+                    let session = Session::connect(&url, &account.token, source(i, loopback))
+                        .await
+                        .with_context(|| format!("connecting {}", account.username))?;
+                    bar.inc(1);
+                    anyhow::Ok(session)
+                }
+            })
+            .buffered(CONNECT_CONCURRENCY)
+            .try_collect()
+            .await?;
+        bar.finish_and_clear();
+        let run = crate::chat::run_tag();
+        let mut sessions = sessions.into_iter();
+        let mut pairs = Vec::new();
+        for couple in accounts.chunks_exact(2) {
+            let (sender, receiver) = (&couple[0], &couple[1]);
+            let (send_session, receive_session) = (
+                sessions.next().expect("a session per account"),
+                sessions.next().expect("a session per account"),
+            );
+            pairs.push(Pair::start(
+                &run,
+                body_size,
+                sender.user_id,
+                receiver.user_id,
+                send_session,
+                receive_session,
+            ));
+        }
+        Ok(Fleet {
+            pairs,
+            body_size,
+            watched: procs::targets(api.server_port()),
+            target: api.base().to_string(),
+            next_step: 1,
+        })
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Offers `rate` messages per second, spread over the pairs, for `duration`, then waits
+    /// until everything accepted has arrived (or nothing has moved for [`DRAIN_PATIENCE`]).
+    pub async fn step(&mut self, rate: f64, duration: Duration) -> Step {
+        let step = self.next_step;
+        self.next_step += 1;
+        let per_pair = rate / self.pairs.len() as f64;
+        let count = (per_pair * duration.as_secs_f64()).round().max(1.0) as u64;
+        let interval = Duration::from_secs_f64(1.0 / per_pair);
+        let start = Instant::now() + Duration::from_millis(100);
+        for pair in &self.pairs {
+            pair.stats.lock().expect("stats lock").reset(step);
+        }
+        let watch = procs::Watch::start(&self.watched);
+        for pair in &self.pairs {
+            // Each pair starts at its own phase of the interval: no lockstep bursts.
+            let phase = interval.mul_f64(rand::random::<f64>());
+            let _ = pair.orders.send(Order {
+                step,
+                start: start + phase,
+                interval,
+                count,
+            });
+        }
+        let total = count * self.pairs.len() as u64;
+        let bar = report::bar(total, &format!("{rate:.0}/s"));
+        let mut last = (0, 0, 0);
+        let mut moved = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.totals();
+            bar.set_position(now.2);
+            let finished = now.0 == total && now.1 == now.0 && now.2 >= self.accepted();
+            if finished || self.ended().is_some() {
+                break;
+            }
+            if now != last {
+                last = now;
+                moved = Instant::now();
+            } else if moved.elapsed() > DRAIN_PATIENCE {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        self.summarise(rate, duration, start, watch.finish())
+    }
+
+    /// (written, answered, delivered) over all pairs.
+    fn totals(&self) -> (u64, u64, u64) {
+        self.pairs.iter().fold((0, 0, 0), |(w, a, d), pair| {
+            let s = pair.stats.lock().expect("stats lock");
+            (
+                w + s.written,
+                a + s.accepted.len() as u64 + s.rejected,
+                d + s.seen.len() as u64,
+            )
+        })
+    }
+
+    fn accepted(&self) -> u64 {
+        self.pairs
+            .iter()
+            .map(|p| p.stats.lock().expect("stats lock").accepted.len() as u64)
+            .sum()
+    }
+
+    fn ended(&self) -> Option<String> {
+        self.pairs
+            .iter()
+            .find_map(|p| p.stats.lock().expect("stats lock").ended.clone())
+    }
+
+    fn summarise(
+        &self,
+        rate: f64,
+        duration: Duration,
+        start: Instant,
+        processes: BTreeMap<String, Usage>,
+    ) -> Step {
+        let mut hist = report::histogram();
+        let mut report = report::Report::new("throughput", &self.target);
+        let (mut accepted, mut rejected, mut repeated) = (0, 0, 0);
+        let mut last_delivery = start;
+        let mut first_error = None;
+        for pair in &self.pairs {
+            let s = pair.stats.lock().expect("stats lock");
+            hist.add(&s.hist)
+                .expect("histograms with the same bounds add");
+            report.sent += s.written;
+            report.delivered += s.seen.len() as u64;
+            report.lost += s
+                .accepted
+                .iter()
+                .filter(|seq| !s.seen.contains_key(seq))
+                .count() as u64;
+            report.duplicates += s.duplicates;
+            accepted += s.accepted.len() as u64;
+            rejected += s.rejected;
+            repeated += s.repeated;
+            if let Some(at) = s.last_delivery {
+                last_delivery = last_delivery.max(at);
+            }
+            first_error = first_error.or(s.first_error.clone());
+        }
+        let took = last_delivery.saturating_duration_since(start).as_secs_f64();
+        report.throughput_msgs_s = if took > 0.0 {
+            (report.delivered as f64 / took).round()
+        } else {
+            0.0
+        };
+        let latency = Latency::of(&hist);
+        report.latency_ms = Some(latency);
+        report.processes = processes;
+        report.detail("offered_msgs_s", rate.round());
+        report.detail("duration_s", duration.as_secs_f64());
+        report.detail("pairs", self.pairs.len());
+        report.detail("body_bytes", self.body_size);
+        report.detail("accepted", accepted);
+        report.detail("repeated_frames", repeated);
+        if rejected > 0 {
+            report.problems.push(format!(
+                "{rejected} sends refused ({})",
+                first_error.unwrap_or_default()
+            ));
+        }
+        let unanswered = report.sent - accepted - rejected;
+        if unanswered > 0 {
+            report
+                .problems
+                .push(format!("{unanswered} sends never answered"));
+        }
+        if let Some(ended) = self.ended() {
+            report.problems.push(ended);
+        }
+        Step { report, latency }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for pair in &self.pairs {
+            for task in &pair.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Pair {
+    fn start(
+        run: &str,
+        body_size: usize,
+        from: i64,
+        to: i64,
+        sender: Session,
+        receiver: Session,
+    ) -> Pair {
+        let stats = Arc::new(Mutex::new(PairStats::new()));
+        let (orders, orders_rx) = mpsc::unbounded_channel();
+        let (writer, reader) = sender.split();
+        let (ack_writer, receive_reader) = receiver.split();
+        let tasks = vec![
+            tokio::spawn(send(
+                run.to_owned(),
+                body_size,
+                to,
+                writer,
+                orders_rx,
+                stats.clone(),
+            )),
+            tokio::spawn(answers(run.to_owned(), reader, stats.clone())),
+            tokio::spawn(receive(
+                run.to_owned(),
+                from,
+                ack_writer,
+                receive_reader,
+                stats.clone(),
+            )),
+        ];
+        Pair {
+            orders,
+            stats,
+            tasks,
+        }
+    }
+}
+
+fn end(stats: &Mutex<PairStats>, why: String) {
+    let mut s = stats.lock().expect("stats lock");
+    s.ended.get_or_insert(why);
+}
+
+async fn send(
+    run: String,
+    body_size: usize,
+    to: i64,
+    mut writer: Writer,
+    mut orders: mpsc::UnboundedReceiver<Order>,
+    stats: Arc<Mutex<PairStats>>,
+) {
+    while let Some(order) = orders.recv().await {
+        for seq in 0..order.count {
+            let at = order.start + order.interval.mul_f64(seq as f64);
+            tokio::time::sleep_until(at.into()).await;
+            let body = body(&run, order.step, seq, at, body_size);
+            let client_id = format!("{run}-{}-{seq}", order.step);
+            if let Err(e) = writer.send(to, &client_id, &body).await {
+                return end(&stats, format!("a sender's session failed: {e:#}"));
+            }
+            stats.lock().expect("stats lock").written += 1;
+        }
+    }
+}
+
+/// The sender's side: `sent` and `error` answers.
+async fn answers(run: String, mut reader: Reader, stats: Arc<Mutex<PairStats>>) {
+    loop {
+        let event = match reader.next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return end(&stats, "the server closed a sender's session".into()),
+            Err(e) => return end(&stats, format!("a sender's session failed: {e:#}")),
+        };
+        let mut s = stats.lock().expect("stats lock");
+        match event {
+            Event::Sent { client_id } => {
+                if let Some(seq) = seq_of(&run, s.step, &client_id) {
+                    s.accepted.insert(seq);
+                }
+            }
+            Event::Error {
+                code,
+                client_id: Some(id),
+            } if seq_of(&run, s.step, &id).is_some() => {
+                s.rejected += 1;
+                s.first_error.get_or_insert(code);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn seq_of(run: &str, step: u32, client_id: &str) -> Option<u64> {
+    let rest = client_id.strip_prefix(run)?.strip_prefix('-')?;
+    let (s, seq) = rest.split_once('-')?;
+    (s.parse::<u32>().ok()? == step).then_some(())?;
+    seq.parse().ok()
+}
+
+/// The receiver's side: messages from its sender, acked in batches.
+async fn receive(
+    run: String,
+    from: i64,
+    mut writer: Writer,
+    mut reader: Reader,
+    stats: Arc<Mutex<PairStats>>,
+) {
+    let mut unacked: Vec<String> = Vec::new();
+    let mut tick = tokio::time::interval(ACK_EVERY);
+    loop {
+        tokio::select! {
+            event = reader.next() => {
+                let event = match event {
+                    Ok(Some(event)) => event,
+                    Ok(None) => return end(&stats, "the server closed a receiver's session".into()),
+                    Err(e) => return end(&stats, format!("a receiver's session failed: {e:#}")),
+                };
+                if let Event::Message { msg_id, from: f, body } = event {
+                    unacked.push(msg_id.clone());
+                    if f == from {
+                        record(&run, &body, msg_id, &stats);
+                    }
+                }
+                if unacked.len() < ACK_BATCH {
+                    continue;
+                }
+            }
+            _ = tick.tick() => {
+                if unacked.is_empty() {
+                    continue;
+                }
+            }
+        }
+        for chunk in unacked.chunks(MAX_ACK_IDS) {
+            if let Err(e) = writer.ack(chunk).await {
+                return end(&stats, format!("a receiver's session failed: {e:#}"));
+            }
+        }
+        unacked.clear();
+    }
+}
+
+fn record(run: &str, body: &str, msg_id: String, stats: &Mutex<PairStats>) {
+    let Some(stamp) = parse_body(run, body) else {
+        return;
+    };
+    let mut s = stats.lock().expect("stats lock");
+    if stamp.step != s.step {
+        return;
+    }
+    match s.seen.get(&stamp.seq) {
+        Some(first) if *first == msg_id => s.repeated += 1,
+        Some(_) => s.duplicates += 1,
+        None => {
+            s.hist.saturating_record(micros_since(stamp.at));
+            s.seen.insert(stamp.seq, msg_id);
+            s.last_delivery = Some(Instant::now());
+        }
+    }
+}
