@@ -111,6 +111,19 @@ impl Api {
         Ok(response.status().is_success())
     }
 
+    /// The newest message stored between the token's user and `peer` (the history API).
+    pub async fn newest_message(&self, token: &str, peer: i64) -> Result<Option<String>> {
+        let url = self
+            .base
+            .join(&format!("/api/v1/conversations/{peer}/messages?limit=1"))?;
+        let response = self.http.get(url).bearer_auth(token).send().await?;
+        if !response.status().is_success() {
+            bail!("history: {}", response.status());
+        }
+        let page: serde_json::Value = response.json().await?;
+        Ok(page["messages"][0]["msg_id"].as_str().map(str::to_owned))
+    }
+
     /// `n` accounts: fresh ones, or those kept in `cache` from an earlier run against the same
     /// server while their tokens still work (registering costs the server an argon2 hash and
     /// logging in another, tens of milliseconds each, so thousands take minutes).
@@ -196,6 +209,7 @@ pub enum Event {
     Hello,
     Sent {
         client_id: String,
+        msg_id: String,
     },
     Message {
         msg_id: String,
@@ -204,6 +218,10 @@ pub enum Event {
     },
     BacklogDone {
         count: u64,
+    },
+    Receipt {
+        msg_id: String,
+        status: String,
     },
     Error {
         code: String,

@@ -28,6 +28,10 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 /// A receiver acks after this many messages, or after [`ACK_EVERY`].
 const ACK_BATCH: usize = 200;
 const ACK_EVERY: Duration = Duration::from_millis(100);
+/// After the last message, how long the tool waits for `delivered` receipts to stop coming
+/// before the next step (so one step's leftover work does not land in the next; a server
+/// that sends no receipts, like the bare relay, costs this once per step).
+const SETTLE_QUIET: Duration = Duration::from_secs(2);
 
 /// The instant body timestamps count from (the same in senders and receivers: one process).
 fn epoch() -> Instant {
@@ -92,6 +96,9 @@ struct PairStats {
     step: u32,
     written: u64,
     accepted: HashSet<u64>,
+    /// msg_ids answered `sent`, until their `delivered` receipt comes.
+    awaiting_receipt: HashSet<String>,
+    receipts: u64,
     rejected: u64,
     first_error: Option<String>,
     /// seq → msg_id of what the receiver got.
@@ -109,6 +116,8 @@ impl PairStats {
             step: 0,
             written: 0,
             accepted: HashSet::new(),
+            awaiting_receipt: HashSet::new(),
+            receipts: 0,
             rejected: 0,
             first_error: None,
             seen: HashMap::new(),
@@ -244,7 +253,28 @@ impl Fleet {
             }
         }
         bar.finish_and_clear();
-        self.summarise(rate, duration, start, watch.finish())
+        let settling = Instant::now();
+        let accepted = self.accepted();
+        let (mut receipts, mut moved) = (self.receipts(), Instant::now());
+        while receipts < accepted && moved.elapsed() < SETTLE_QUIET {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.receipts();
+            if now != receipts {
+                (receipts, moved) = (now, Instant::now());
+            }
+        }
+        let mut step = self.summarise(rate, duration, start, watch.finish());
+        step.report.detail("receipts", receipts);
+        step.report
+            .detail("settle_s", procs::round3(settling.elapsed().as_secs_f64()));
+        step
+    }
+
+    fn receipts(&self) -> u64 {
+        self.pairs
+            .iter()
+            .map(|p| p.stats.lock().expect("stats lock").receipts)
+            .sum()
     }
 
     /// (written, answered, delivered) over all pairs.
@@ -424,10 +454,16 @@ async fn answers(run: String, mut reader: Reader, stats: Arc<Mutex<PairStats>>) 
         };
         let mut s = stats.lock().expect("stats lock");
         match event {
-            Event::Sent { client_id } => {
+            Event::Sent { client_id, msg_id } => {
                 if let Some(seq) = seq_of(&run, s.step, &client_id) {
                     s.accepted.insert(seq);
+                    s.awaiting_receipt.insert(msg_id);
                 }
+            }
+            Event::Receipt { msg_id, status }
+                if status == "delivered" && s.awaiting_receipt.remove(&msg_id) =>
+            {
+                s.receipts += 1;
             }
             Event::Error {
                 code,

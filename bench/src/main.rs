@@ -71,8 +71,9 @@ enum Command {
         common: Common,
         #[arg(long, default_value_t = 10_000)]
         messages: u64,
-        /// Sends awaiting `sent` at a time while filling the backlog.
-        #[arg(long, default_value_t = 1000)]
+        /// Sends awaiting `sent` at a time while filling the backlog (the gateway queues
+        /// 256 per connection and answers `rate_limited` beyond).
+        #[arg(long, default_value_t = 200)]
         window: usize,
     },
     /// Connections opened all at once: time until every one has `hello`.

@@ -350,6 +350,7 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     let (mut writer, mut reader) = Session::connect(&url, &sender.token, None).await?.split();
     let bar = report::bar(messages, "offline");
     let (mut written, mut accepted) = (0u64, 0u64);
+    let mut newest = String::new();
     let sending = Instant::now();
     while accepted < messages {
         while written < messages && written - accepted < window as u64 {
@@ -360,7 +361,8 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
             written += 1;
         }
         match reader.next().await? {
-            Some(Event::Sent { .. }) => {
+            Some(Event::Sent { msg_id, .. }) => {
+                newest = newest.max(msg_id);
                 accepted += 1;
                 bar.inc(1);
             }
@@ -372,6 +374,21 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     let send_s = sending.elapsed().as_secs_f64();
     bar.finish_and_clear();
     writer.close().await;
+    // `sent` means durable, not stored yet: wait until the history shows the last message,
+    // so that what follows times the replay, not the store catching up.
+    let stored_by = Instant::now() + STORE_PATIENCE;
+    while api
+        .newest_message(&sender.token, receiver.user_id)
+        .await?
+        .as_deref()
+        != Some(&newest)
+    {
+        if Instant::now() > stored_by {
+            bail!("the last message was not in the history after {STORE_PATIENCE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store_s = sending.elapsed().as_secs_f64() - send_s;
 
     let watch = procs::Watch::start(&watched);
     let connecting = Instant::now();
@@ -410,6 +427,20 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
         }
     };
     let replay = hello.elapsed();
+    // Anything still missing may come live after `backlog_done` (late: a broken promise, but
+    // not lost); wait for it a while.
+    let mut late = 0u64;
+    while delivered + late < messages {
+        match tokio::time::timeout(LATE_PATIENCE, reader.next()).await {
+            Ok(Ok(Some(Event::Message { body, .. }))) => {
+                if load::parse_body(&run, &body).is_some() {
+                    late += 1;
+                }
+            }
+            Ok(Ok(Some(_))) => {}
+            _ => break,
+        }
+    }
     bar.finish_and_clear();
     if !unacked.is_empty() {
         acks.ack(&unacked).await?;
@@ -418,8 +449,8 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
 
     let mut report = Report::new("backlog", &common.base);
     report.sent = messages;
-    report.delivered = delivered;
-    report.lost = messages - delivered.min(messages);
+    report.delivered = delivered + late;
+    report.lost = messages - report.delivered.min(messages);
     report.duplicates = duplicates;
     report.throughput_msgs_s = (delivered as f64 / replay.as_secs_f64()).round();
     report.processes = watch.finish();
@@ -431,7 +462,13 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     );
     report.detail("backlog_done_count", count);
     report.detail("send_s", round3(send_s));
+    report.detail("store_catch_up_s", round3(store_s));
     report.detail("age_at_replay_ms", Latency::of(&hist));
+    if late > 0 {
+        report
+            .problems
+            .push(format!("{late} messages came after backlog_done"));
+    }
     if out_of_order > 0 {
         report
             .problems
@@ -444,6 +481,11 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     }
     Ok(report)
 }
+
+/// How long the backlog scenario waits for the store to hold every message.
+const STORE_PATIENCE: Duration = Duration::from_secs(120);
+/// How long it waits for messages missing at `backlog_done`.
+const LATE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// `connections` sessions opened at the same moment: how long until every one has `hello`
 /// (and `backlog_done`).

@@ -61,8 +61,12 @@ pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
             .with_writer(std::io::stderr)
             .with_filter(filter)
     });
+    // Busy/idle time and thread attributes cost a clock read and bookkeeping on every poll
+    // of an instrumented future (7.8 % of the gateway's CPU at 4,000 msgs/s, perf): off.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
         .with_filter(LevelFilter::INFO);
     let _ = tracing_subscriber::registry()
         .with(fmt)

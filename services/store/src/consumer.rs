@@ -66,9 +66,7 @@ pub(crate) async fn handle_batch(state: &State, batch: Vec<jetstream::Message>) 
     }
     // Messages first: a mark in the same batch may name one of them.
     persist(state, work.persist).await;
-    for (msg, ack) in work.acks {
-        mark_delivered(state, msg, ack).await;
-    }
+    mark_delivered(state, work.acks).await;
     for (msg, read) in work.reads {
         mark_read(state, msg, read).await;
     }
@@ -175,45 +173,54 @@ async fn missing(msg: &jetstream::Message, what: &str) {
     }
 }
 
-async fn mark_delivered(state: &State, msg: jetstream::Message, req: StoreAck) {
-    let span = tracing::info_span!("store.delivered", user_id = req.user_id);
-    telemetry::extract(msg.headers.as_ref(), &span);
-    async {
-        let ids: Vec<Uuid> = req
-            .msg_ids
-            .iter()
-            .filter_map(|id| messages::parse_id(id))
-            .collect();
-        if ids.is_empty() {
-            return ack(&msg).await;
+/// All delivery marks of a batch in one go (see [`messages::deliver`]); each mark is then
+/// acked, or given back if it names a message not stored yet.
+async fn mark_delivered(state: &State, marks: Vec<(jetstream::Message, StoreAck)>) {
+    if marks.is_empty() {
+        return;
+    }
+    let wanted: Vec<(chat_proto::UserId, Vec<Uuid>)> = marks
+        .iter()
+        .map(|(_, req)| {
+            let ids = req
+                .msg_ids
+                .iter()
+                .filter_map(|id| messages::parse_id(id))
+                .collect();
+            (req.user_id, ids)
+        })
+        .collect();
+    let outcome = ops::timed(DB, "deliver", messages::deliver(&state.db, &wanted)).await;
+    let marked = match outcome {
+        Ok(marked) => marked,
+        Err(e) => {
+            for (msg, _) in &marks {
+                retry_later(msg, &e).await;
+            }
+            return;
         }
-        match ops::timed(
-            DB,
-            "deliver",
-            messages::deliver(&state.db, req.user_id, &ids),
-        )
-        .await
-        {
-            Err(e) => retry_later(&msg, &e).await,
-            Ok(marked) => {
-                for (id, sender) in marked.receipts {
-                    let frame = ServerFrame::Receipt {
-                        msg_id: id.hyphenated().to_string(),
-                        peer: req.user_id,
-                        status: Status::Delivered,
-                    };
-                    nats::publish_json(&state.nats, state.subjects.user(sender), &frame).await;
-                }
-                if marked.missing > 0 {
-                    missing(&msg, "ack").await;
-                } else {
-                    ack(&msg).await;
-                }
+    };
+    for ((msg, req), marked) in marks.into_iter().zip(marked) {
+        let span = tracing::info_span!("store.delivered", user_id = req.user_id);
+        telemetry::extract(msg.headers.as_ref(), &span);
+        async {
+            for (id, sender) in marked.receipts {
+                let frame = ServerFrame::Receipt {
+                    msg_id: id.hyphenated().to_string(),
+                    peer: req.user_id,
+                    status: Status::Delivered,
+                };
+                nats::publish_json(&state.nats, state.subjects.user(sender), &frame).await;
+            }
+            if marked.missing > 0 {
+                missing(&msg, "ack").await;
+            } else {
+                ack(&msg).await;
             }
         }
+        .instrument(span)
+        .await;
     }
-    .instrument(span)
-    .await;
 }
 
 async fn mark_read(state: &State, msg: jetstream::Message, req: StoreRead) {
