@@ -136,6 +136,7 @@ impl Api {
         let mut have = Vec::new();
         if let Some(path) = cache
             && let Ok(text) = std::fs::read_to_string(path)
+            && !text.trim().is_empty()
         {
             let cached: Cache = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not an accounts file", path.display()))?;

@@ -61,11 +61,14 @@ pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
             .with_writer(std::io::stderr)
             .with_filter(filter)
     });
-    // Busy/idle time and thread attributes cost a clock read and bookkeeping on every poll
-    // of an instrumented future (7.8 % of the gateway's CPU at 4,000 msgs/s, perf): off.
+    // Busy/idle time and making the span the current OpenTelemetry context cost work on
+    // every poll of an instrumented future: 7.8 %, then still 5.6 %, of the gateway's CPU at
+    // 3,500 msgs/s (perf, docs/benchmarks.md). Neither is used: trace context is read from
+    // the tracing span itself (`inject`, `extract`), not from OpenTelemetry's current context.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_threads(false)
         .with_filter(LevelFilter::INFO);
     let _ = tracing_subscriber::registry()
