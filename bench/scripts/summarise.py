@@ -38,8 +38,12 @@ def dig(report, path):
     return value
 
 
+def values_of(reports, path):
+    return [v for v in (dig(r, path) for r in reports) if isinstance(v, (int, float))]
+
+
 def median(reports, path):
-    values = [v for v in (dig(r, path) for r in reports) if isinstance(v, (int, float))]
+    values = values_of(reports, path)
     return (statistics.median(values), len(values)) if values else (None, 0)
 
 
@@ -81,20 +85,22 @@ def fmt(value):
 
 
 def table(reports):
-    lines = ["| figure | target | stack (median) | bare relay (median) | stack / relay | runs |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| figure | target | stack (median) | stack (each run) | bare relay (median) | stack / relay | runs |",
+             "|---|---|---|---|---|---|---|"]
     for label, scenario, path, unit, target, _better in ROWS:
         stack, n = median(reports.get((scenario, "stack"), []), path)
         relay, _ = median(reports.get((scenario, "relay"), []), path)
         ratio = f"{stack / relay:.2f}" if stack is not None and relay else "–"
         unit_s = f" {unit}" if unit else ""
-        lines.append(f"| {label} | {target}{unit_s} | {fmt(stack)}{unit_s} | {fmt(relay)}{unit_s} | {ratio} | {n} |")
+        each = ", ".join(fmt(v) for v in values_of(reports.get((scenario, "stack"), []), path))
+        lines.append(f"| {label} | {target}{unit_s} | {fmt(stack)}{unit_s} | {each} | {fmt(relay)}{unit_s} | {ratio} | {n} |")
     for target in ("stack", "relay"):
         best = [r for r in reports.get(("throughput", target), [])]
         values = [cpu_per_10k(r) for r in best if cpu_per_10k(r) is not None]
         if values:
+            each = ", ".join(f"{v:.2f}" for v in values)
             lines.append(f"| CPU seconds per 10,000 messages at the max rate ({target}, all processes but the load tool) | – | "
-                         + (f"{statistics.median(values):.2f}" if target == "stack" else "–") + " | "
+                         + (f"{statistics.median(values):.2f} | {each}" if target == "stack" else "– | –") + " | "
                          + (f"{statistics.median(values):.2f}" if target == "relay" else "–") + " | – | " + str(len(values)) + " |")
     return "\n".join(lines)
 
