@@ -64,24 +64,15 @@ impl Api {
         self.base.port_or_known_default()
     }
 
+    /// Registers `username` (or finds it taken, from an earlier run) and logs in.
     pub async fn register_and_login(&self, username: &str, password: &str) -> Result<Account> {
         let body = json!({"username": username, "password": password});
-        let response = self
-            .http
-            .post(self.base.join("/api/v1/register")?)
-            .json(&body)
-            .send()
-            .await?;
+        let response = self.post("/api/v1/register", &body).await?;
         let status = response.status();
         if status.as_u16() != 201 && status.as_u16() != 409 {
             bail!("register {username}: {status} {}", response.text().await?);
         }
-        let response = self
-            .http
-            .post(self.base.join("/api/v1/login")?)
-            .json(&body)
-            .send()
-            .await?;
+        let response = self.post("/api/v1/login", &body).await?;
         let status = response.status();
         if !status.is_success() {
             bail!("login {username}: {status} {}", response.text().await?);
@@ -98,6 +89,15 @@ impl Api {
             user_id: login.user_id,
             token: login.token,
         })
+    }
+
+    async fn post(&self, path: &str, body: &serde_json::Value) -> Result<reqwest::Response> {
+        Ok(self
+            .http
+            .post(self.base.join(path)?)
+            .json(body)
+            .send()
+            .await?)
     }
 
     /// Whether `token` is still accepted.
