@@ -355,7 +355,7 @@ impl Fleet {
                 first_error.unwrap_or_default()
             ));
         }
-        let unanswered = report.sent - accepted - rejected;
+        let unanswered = report.sent.saturating_sub(accepted + rejected);
         if unanswered > 0 {
             report
                 .problems

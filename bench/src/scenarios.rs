@@ -174,6 +174,8 @@ async fn find_max(
             .unwrap_or(0.0);
         rate = match lowest_failing {
             None => rate * 2.0,
+            // Not even a trickle passes: no point bisecting towards zero.
+            Some(bad) if good == 0.0 && bad <= MIN_RATE => break,
             Some(bad) if bad - good <= bad * search.precision => break,
             Some(bad) => ((good + bad) / 2.0).round(),
         };
@@ -181,6 +183,9 @@ async fn find_max(
     total.detail("steps", steps);
     (best, total)
 }
+
+/// The lowest rate the search tries.
+const MIN_RATE: f64 = 10.0;
 
 fn fleet_target(fleet: &Fleet) -> String {
     format!("{} pairs", fleet.pairs())
@@ -250,7 +255,7 @@ pub async fn idle(
     hold: Duration,
 ) -> Result<Report> {
     let api = Api::new(&common.base)?;
-    let users = users.clamp(1, connections);
+    let users = users.clamp(1, connections.max(1));
     let accounts = api.accounts(users, common.accounts.as_deref()).await?;
     let port = api.server_port();
     let server = port.and_then(procs::listener_pid);
