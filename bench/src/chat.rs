@@ -279,6 +279,18 @@ impl Session {
         }
     }
 
+    /// Reads until `backlog_done` (the end of the session's start: presence announced,
+    /// backlog replayed) and returns its count.
+    pub async fn until_backlog_done(&mut self) -> Result<u64> {
+        loop {
+            match self.next().await? {
+                Some(Event::BacklogDone { count }) => return Ok(count),
+                Some(_) => {}
+                None => bail!("the server closed the session before backlog_done"),
+            }
+        }
+    }
+
     /// The next frame the tool understands (`None` when the server closed the socket).
     pub async fn next(&mut self) -> Result<Option<Event>> {
         next_event(&mut self.ws).await

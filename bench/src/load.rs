@@ -16,6 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use url::Url;
 
 use crate::chat::{Account, Api, Event, MAX_ACK_IDS, Reader, Session, Writer};
 use crate::procs::{self, Target, Usage};
@@ -76,9 +77,11 @@ pub fn micros_since(at: Instant) -> u64 {
     (Instant::now().saturating_duration_since(at).as_micros() as u64).max(1)
 }
 
-/// Source addresses for many sessions: 127.0.0.2, .3, ... (all of 127/8 is loopback), so
-/// that tens of thousands of sessions do not exhaust one address's ports.
-pub fn source(i: usize, loopback: bool) -> Option<IpAddr> {
+/// The local address of the `i`th session to `url`: against a loopback server 127.0.0.2, .3,
+/// ... (all of 127/8 is loopback), so that tens of thousands of sessions do not exhaust one
+/// address's ports; otherwise whatever the system picks.
+pub fn source(i: usize, url: &Url) -> Option<IpAddr> {
+    let loopback = url.host_str().is_some_and(|h| h.starts_with("127."));
     loopback.then(|| IpAddr::from([127, 0, (2 + i / 250) as u8 % 255, (2 + i % 250) as u8]))
 }
 
@@ -152,6 +155,16 @@ pub struct Fleet {
     next_step: u32,
 }
 
+/// Counters of a step over all pairs, read while it runs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    written: u64,
+    accepted: u64,
+    rejected: u64,
+    delivered: u64,
+    receipts: u64,
+}
+
 /// What one step of load found.
 pub struct Step {
     pub report: report::Report,
@@ -162,13 +175,12 @@ impl Fleet {
     /// Connects `accounts.len() / 2` pairs (sender `2i`, receiver `2i + 1`).
     pub async fn connect(api: &Api, accounts: &[Account], body_size: usize) -> Result<Fleet> {
         let url = api.ws_url();
-        let loopback = url.host_str().is_some_and(|h| h.starts_with("127."));
         let bar = report::bar(accounts.len() as u64, "sessions");
         let sessions: Vec<Session> = futures::stream::iter(accounts.iter().enumerate())
             .map(|(i, account)| {
                 let (url, bar) = (url.clone(), bar.clone());
                 async move {
-                    let session = Session::connect(&url, &account.token, source(i, loopback))
+                    let session = Session::connect(&url, &account.token, source(i, &url))
                         .await
                         .with_context(|| format!("connecting {}", account.username))?;
                     bar.inc(1);
@@ -206,8 +218,9 @@ impl Fleet {
         })
     }
 
-    pub fn pairs(&self) -> usize {
-        self.pairs.len()
+    /// The server under load.
+    pub fn target(&self) -> &str {
+        &self.target
     }
 
     /// Offers `rate` messages per second, spread over the pairs, for `duration`, then waits
@@ -235,13 +248,15 @@ impl Fleet {
         }
         let total = count * self.pairs.len() as u64;
         let bar = report::bar(total, &format!("{rate:.0}/s"));
-        let mut last = (0, 0, 0);
+        let mut last = Totals::default();
         let mut moved = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let now = self.totals();
-            bar.set_position(now.2);
-            let finished = now.0 == total && now.1 == now.0 && now.2 >= self.accepted();
+            bar.set_position(now.delivered);
+            let finished = now.written == total
+                && now.accepted + now.rejected == now.written
+                && now.delivered >= now.accepted;
             if finished || self.ended().is_some() {
                 break;
             }
@@ -254,46 +269,34 @@ impl Fleet {
         }
         bar.finish_and_clear();
         let settling = Instant::now();
-        let accepted = self.accepted();
-        let (mut receipts, mut moved) = (self.receipts(), Instant::now());
-        while receipts < accepted && moved.elapsed() < SETTLE_QUIET {
+        let (mut now, mut moved) = (self.totals(), Instant::now());
+        while now.receipts < now.accepted && moved.elapsed() < SETTLE_QUIET {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = self.receipts();
-            if now != receipts {
-                (receipts, moved) = (now, Instant::now());
+            let later = self.totals();
+            if later.receipts != now.receipts {
+                moved = Instant::now();
             }
+            now = later;
         }
         let mut step = self.summarise(rate, duration, start, watch.finish());
-        step.report.detail("receipts", receipts);
+        step.report.detail("receipts", now.receipts);
         step.report
             .detail("settle_s", procs::round3(settling.elapsed().as_secs_f64()));
         step
     }
 
-    fn receipts(&self) -> u64 {
-        self.pairs
-            .iter()
-            .map(|p| p.stats.lock().expect("stats lock").receipts)
-            .sum()
-    }
-
-    /// (written, answered, delivered) over all pairs.
-    fn totals(&self) -> (u64, u64, u64) {
-        self.pairs.iter().fold((0, 0, 0), |(w, a, d), pair| {
+    /// The counters of every pair added up.
+    fn totals(&self) -> Totals {
+        self.pairs.iter().fold(Totals::default(), |t, pair| {
             let s = pair.stats.lock().expect("stats lock");
-            (
-                w + s.written,
-                a + s.accepted.len() as u64 + s.rejected,
-                d + s.seen.len() as u64,
-            )
+            Totals {
+                written: t.written + s.written,
+                accepted: t.accepted + s.accepted.len() as u64,
+                rejected: t.rejected + s.rejected,
+                delivered: t.delivered + s.seen.len() as u64,
+                receipts: t.receipts + s.receipts,
+            }
         })
-    }
-
-    fn accepted(&self) -> u64 {
-        self.pairs
-            .iter()
-            .map(|p| p.stats.lock().expect("stats lock").accepted.len() as u64)
-            .sum()
     }
 
     fn ended(&self) -> Option<String> {

@@ -81,6 +81,14 @@ impl Report {
         );
     }
 
+    /// Adds another run's message counts to this one's (a scenario made of several runs).
+    pub fn add_counts(&mut self, other: &Report) {
+        self.sent += other.sent;
+        self.delivered += other.delivered;
+        self.lost += other.lost;
+        self.duplicates += other.duplicates;
+    }
+
     /// A run counts only if nothing was lost or shown twice and nothing else went wrong.
     pub fn failures(&self) -> Vec<String> {
         let mut failures = self.problems.clone();

@@ -88,10 +88,7 @@ fn passes(step: &Step, search: &Search) -> bool {
 
 /// Adds a step's counts (and problems) to the totals of a multi-step report.
 fn absorb(total: &mut Report, step: &Step) {
-    total.sent += step.report.sent;
-    total.delivered += step.report.delivered;
-    total.lost += step.report.lost;
-    total.duplicates += step.report.duplicates;
+    total.add_counts(&step.report);
     let offered = &step.report.details["offered_msgs_s"];
     total.problems.extend(
         step.report
@@ -112,24 +109,22 @@ pub async fn throughput(
     let mut fleet = fleet(common, pairs).await?;
     match rate {
         Rate::Fixed(rate) => Ok(fleet.step(rate, duration).await.report),
+        // Counts and problems over every step; the figures of the best step.
         Rate::Max => {
             let (best, mut total) = find_max(&mut fleet, duration, search).await;
-            let steps = total.details.remove("steps");
-            if let Some(best) = best {
-                let problems = std::mem::take(&mut total.problems);
-                let (sent, delivered, lost, duplicates) =
-                    (total.sent, total.delivered, total.lost, total.duplicates);
-                total = best.report;
-                total.problems = problems;
-                (total.sent, total.delivered, total.lost, total.duplicates) =
-                    (sent, delivered, lost, duplicates);
-                total.detail("max_rate_msgs_s", total.details["offered_msgs_s"].clone());
-            } else {
-                total
+            match best {
+                Some(best) => {
+                    let max = best.report.details["offered_msgs_s"].clone();
+                    total.throughput_msgs_s = best.report.throughput_msgs_s;
+                    total.latency_ms = best.report.latency_ms;
+                    total.processes = best.report.processes;
+                    total.details.extend(best.report.details);
+                    total.detail("max_rate_msgs_s", max);
+                }
+                None => total
                     .problems
-                    .push("no rate met the target, not even the first".into());
+                    .push("no rate met the target, not even the first".into()),
             }
-            total.detail("steps", steps);
             Ok(total)
         }
     }
@@ -143,7 +138,7 @@ async fn find_max(
     duration: Duration,
     search: &Search,
 ) -> (Option<Step>, Report) {
-    let mut total = Report::new("throughput", &fleet_target(fleet));
+    let mut total = Report::new("throughput", fleet.target());
     let mut steps = Vec::new();
     let mut best: Option<Step> = None;
     let mut lowest_failing: Option<f64> = None;
@@ -187,10 +182,6 @@ async fn find_max(
 /// The lowest rate the search tries.
 const MIN_RATE: f64 = 10.0;
 
-fn fleet_target(fleet: &Fleet) -> String {
-    format!("{} pairs", fleet.pairs())
-}
-
 /// Unloaded round trips (one pair, at a rate where no message waits for another), then
 /// latency at half the highest sustainable rate.
 pub async fn latency(
@@ -209,10 +200,7 @@ pub async fn latency(
         Some(rate) => rate,
         None => {
             let (best, found) = find_max(&mut busy, duration, search).await;
-            report.sent += found.sent;
-            report.delivered += found.delivered;
-            report.lost += found.lost;
-            report.duplicates += found.duplicates;
+            report.add_counts(&found);
             report.problems.extend(found.problems);
             best.and_then(|s| s.report.details["offered_msgs_s"].as_f64())
                 .context("no rate met the target, so there is no half of it")?
@@ -261,7 +249,6 @@ pub async fn idle(
     let server = port.and_then(procs::listener_pid);
     let before = server.and_then(procs::rss_bytes);
     let url = api.ws_url();
-    let loopback = url.host_str().is_some_and(|h| h.starts_with("127."));
     let bar = report::bar(connections as u64, "connected");
     let opened = Instant::now();
     let sessions: Vec<Result<Session>> = futures::stream::iter(0..connections)
@@ -269,9 +256,11 @@ pub async fn idle(
             let (url, bar) = (url.clone(), bar.clone());
             let token = accounts[i % accounts.len()].token.clone();
             async move {
-                let session = Session::connect(&url, &token, load::source(i, loopback)).await;
+                let mut session = Session::connect(&url, &token, load::source(i, &url)).await?;
+                // Counted once its start is over, so the measurement sees only idling.
+                session.until_backlog_done().await?;
                 bar.inc(1);
-                session
+                anyhow::Ok(session)
             }
         })
         .buffer_unordered(256)
@@ -291,9 +280,8 @@ pub async fn idle(
         }
     }
     let open = readers.len();
-    // Let the connections finish their start (backlog replay, presence) before measuring.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let after = server.and_then(procs::rss_bytes);
+    let server_cpu = server.and_then(procs::cpu_seconds);
     let watch = procs::Watch::start(&procs::targets(port));
     tokio::time::sleep(hold).await;
     let processes = watch.finish();
@@ -310,19 +298,15 @@ pub async fn idle(
         report.detail("server_rss_after_mib", round3(after as f64 / 1048576.0));
         report.detail("rss_per_connection_kib", round3(per / 1024.0));
     }
-    if let Some(pid) = server {
-        let label = procs::targets(port)
-            .into_iter()
-            .find(|t| t.pid == pid)
-            .map(|t| t.label);
-        if let Some(usage) = label.and_then(|l| processes.get(&l).cloned()) {
-            let core_share = usage.cpu_seconds / hold.as_secs_f64();
-            report.detail("server_cpu_percent_of_a_core", round3(core_share * 100.0));
-            report.detail(
-                "server_cpu_percent_per_10k_connections",
-                round3(core_share * 100.0 * 10_000.0 / open.max(1) as f64),
-            );
-        }
+    if let (Some(pid), Some(cpu_before)) = (server, server_cpu)
+        && let Some(cpu_after) = procs::cpu_seconds(pid)
+    {
+        let core_share = (cpu_after - cpu_before) / hold.as_secs_f64();
+        report.detail("server_cpu_percent_of_a_core", round3(core_share * 100.0));
+        report.detail(
+            "server_cpu_percent_per_10k_connections",
+            round3(core_share * 100.0 * 10_000.0 / open.max(1) as f64),
+        );
     }
     report.processes = processes;
     if failed > 0 {
@@ -500,7 +484,6 @@ pub async fn storm(common: &Common, connections: usize) -> Result<Report> {
         .accounts(connections, common.accounts.as_deref())
         .await?;
     let url = api.ws_url();
-    let loopback = url.host_str().is_some_and(|h| h.starts_with("127."));
     let watch = procs::Watch::start(&procs::targets(api.server_port()));
     let start = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = accounts
@@ -512,14 +495,10 @@ pub async fn storm(common: &Common, connections: usize) -> Result<Report> {
             tokio::spawn(async move {
                 let _ = go.wait_for(|go| *go).await;
                 let began = Instant::now();
-                let mut session = Session::connect(&url, &token, load::source(i, loopback)).await?;
+                let mut session = Session::connect(&url, &token, load::source(i, &url)).await?;
                 let hello = began.elapsed();
-                while let Some(event) = session.next().await? {
-                    if let Event::BacklogDone { .. } = event {
-                        return anyhow::Ok((hello, began.elapsed(), session));
-                    }
-                }
-                bail!("closed before backlog_done")
+                session.until_backlog_done().await?;
+                anyhow::Ok((hello, began.elapsed(), session))
             })
         })
         .collect();

@@ -5,7 +5,7 @@
 use std::process::Stdio;
 
 use chat_tests::procs::bin_path;
-use chat_tests::{Options, TestEnv, WAIT};
+use chat_tests::{MYSQL_SERVER, NATS_URL, Options, TestEnv, WAIT};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -157,4 +157,19 @@ async fn the_raw_backends_are_timed_and_left_clean() {
     ] {
         assert!(run[figure].as_f64() > Some(0.0), "{figure}: {run}");
     }
+    let tag = run["tag"].as_str().expect("the report names what it made");
+    let js = async_nats::jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    let stream = format!("BENCH_{}", tag.to_uppercase());
+    assert!(js.get_stream(&stream).await.is_err(), "{stream} is left");
+    use sea_orm::ConnectionTrait;
+    let db = sea_orm::Database::connect(MYSQL_SERVER).await.unwrap();
+    let left = db
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::MySql,
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            [format!("bench_{tag}").into()],
+        ))
+        .await
+        .unwrap();
+    assert!(left.is_none(), "database bench_{tag} is left");
 }
