@@ -63,6 +63,24 @@ ensure_backends() {
     start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
 }
 
+# ejabberd, the peer chat-bench is compared with (tests/e2e/bench.rs runs its smoke form), with
+# the MySQL driver its SQL storage needs.
+ensure_ejabberd() {
+  command -v ejabberdctl >/dev/null && compgen -G '/usr/lib/erlang/lib/p1_mysql-*' >/dev/null && return 0
+  echo "installing ejabberd and erlang-p1-mysql for the comparison's smoke test ..." >&2
+  local sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends \
+    ejabberd erlang-p1-mysql >/dev/null ||
+    { $sudo apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y \
+        --no-install-recommends ejabberd erlang-p1-mysql >/dev/null; }
+  # The package starts a system-wide node (ports 5222, 5269, 5280, 5443, 1883): the benchmark
+  # runs its own, on loopback, and needs none of them taken.
+  if [[ -x /etc/init.d/ejabberd ]]; then
+    $sudo /etc/init.d/ejabberd stop >/dev/null 2>&1 || true
+  fi
+}
+
 # Headless Chromium and its WebDriver, for the web client's browser test (Debian packages;
 # the emoji font makes screenshots show emoji as users see them).
 ensure_browser() {

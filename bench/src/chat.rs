@@ -1,6 +1,7 @@
 //! The chat's public contract as a client sees it (PROTOCOL.md): accounts over HTTP, sessions
 //! over WebSocket. Nothing here knows how the server is built, so the same driver loads the
-//! whole stack and the bare relay alike.
+//! whole stack and the bare relay alike; with [`Protocol::Xmpp`] the same calls speak XMPP
+//! over WebSocket ([`crate::xmpp`]) to load ejabberd.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -17,13 +18,46 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use url::Url;
 
-/// A user the tool registered, with a token to connect as it.
+use crate::xmpp;
+
+/// What the server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// This chat's contract (PROTOCOL.md): the stack, or the bare relay. `--base` is the HTTP
+    /// base URL.
+    Chat,
+    /// XMPP over WebSocket (RFC 7395), e.g. ejabberd. `--base` is the WebSocket URL; accounts
+    /// are made through ejabberd's HTTP API (`/api/register`) on the same host and port.
+    Xmpp,
+}
+
+/// Whom a message goes to or came from, as the protocol names users.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Peer {
+    Id(i64),
+    Jid(String),
+}
+
+/// A user the tool registered, with a token to connect as it (the chat), or its JID (XMPP).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Account {
     pub username: String,
     pub password: String,
     pub user_id: i64,
     pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jid: Option<String>,
+}
+
+impl Account {
+    /// The address messages to this user are sent to.
+    pub fn peer(&self) -> Peer {
+        match &self.jid {
+            Some(jid) => Peer::Jid(jid.clone()),
+            None => Peer::Id(self.user_id),
+        }
+    }
 }
 
 /// The HTTP side of one server.
@@ -31,14 +65,16 @@ pub struct Account {
 pub struct Api {
     http: reqwest::Client,
     base: Url,
+    protocol: Protocol,
 }
 
 impl Api {
-    pub fn new(base: &str) -> Result<Api> {
+    pub fn new(base: &str, protocol: Protocol) -> Result<Api> {
         let base = Url::parse(base).with_context(|| format!("--base {base:?} is not a URL"))?;
         Ok(Api {
             http: reqwest::Client::new(),
             base,
+            protocol,
         })
     }
 
@@ -46,8 +82,15 @@ impl Api {
         &self.base
     }
 
-    /// `ws://host:port/ws` for an `http://host:port` base.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// `ws://host:port/ws` for an `http://host:port` base; an XMPP base is the WebSocket's.
     pub fn ws_url(&self) -> Url {
+        if self.protocol == Protocol::Xmpp {
+            return self.base.clone();
+        }
         let mut url = self.base.join("/ws").expect("/ws is a valid path");
         let scheme = if self.base.scheme() == "https" {
             "wss"
@@ -64,8 +107,19 @@ impl Api {
         self.base.port_or_known_default()
     }
 
-    /// Registers `username` (or finds it taken, from an earlier run) and logs in.
+    /// Registers `username` (or finds it taken, from an earlier run) and logs in. An XMPP
+    /// account is only registered: a session logs in with SASL.
     pub async fn register_and_login(&self, username: &str, password: &str) -> Result<Account> {
+        if self.protocol == Protocol::Xmpp {
+            self.register_xmpp(username, password).await?;
+            return Ok(Account {
+                username: username.to_owned(),
+                password: password.to_owned(),
+                user_id: 0,
+                token: String::new(),
+                jid: Some(format!("{username}@{}", xmpp::DOMAIN)),
+            });
+        }
         let body = json!({"username": username, "password": password});
         let response = self.post("/api/v1/register", &body).await?;
         let status = response.status();
@@ -88,7 +142,57 @@ impl Api {
             password: password.to_owned(),
             user_id: login.user_id,
             token: login.token,
+            jid: None,
         })
+    }
+
+    /// Registers through ejabberd's `mod_http_api`; `Ok(false)` when the user already exists.
+    async fn register_xmpp(&self, username: &str, password: &str) -> Result<bool> {
+        let mut url = self.base.join("/api/register")?;
+        url.set_scheme(if self.base.scheme() == "wss" {
+            "https"
+        } else {
+            "http"
+        })
+        .expect("http and https are valid schemes");
+        let body = json!({"user": username, "host": xmpp::DOMAIN, "password": password});
+        let response = self.http.post(url).json(&body).send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if status.is_success() {
+            return Ok(true);
+        }
+        // ejabberd's code for "already registered".
+        if text.contains("10090") {
+            return Ok(false);
+        }
+        bail!("register {username}: {status} {text}")
+    }
+
+    /// Whether `account` can still connect: its token is accepted (the chat), or it still
+    /// exists (XMPP: registering it again is refused).
+    async fn still_valid(&self, account: &Account) -> Result<bool> {
+        match self.protocol {
+            Protocol::Chat => self.token_works(&account.token).await,
+            Protocol::Xmpp => Ok(!self
+                .register_xmpp(&account.username, &account.password)
+                .await?),
+        }
+    }
+
+    /// Opens a session of `account` (see [`Session::connect`]).
+    pub async fn connect(&self, account: &Account, source: Option<IpAddr>) -> Result<Session> {
+        let url = self.ws_url();
+        match self.protocol {
+            Protocol::Chat => Session::connect(&url, &account.token, source).await,
+            Protocol::Xmpp => {
+                let ws = dial(&url, source, None, Some(xmpp::SUBPROTOCOL)).await?;
+                let resource = format!("bench-{}", run_tag());
+                let (writer, reader) =
+                    xmpp::start(ws, &account.username, &account.password, &resource).await?;
+                Ok(Session(Conn::Xmpp(writer, Box::new(reader))))
+            }
+        }
     }
 
     async fn post(&self, path: &str, body: &serde_json::Value) -> Result<reqwest::Response> {
@@ -143,8 +247,7 @@ impl Api {
             let usable = cached.base == self.base.as_str()
                 && match (cached.accounts.first(), cached.accounts.last()) {
                     (Some(first), Some(last)) => {
-                        self.token_works(&first.token).await?
-                            && self.token_works(&last.token).await?
+                        self.still_valid(first).await? && self.still_valid(last).await?
                     }
                     _ => false,
                 };
@@ -214,7 +317,7 @@ pub enum Event {
     },
     Message {
         msg_id: String,
-        from: i64,
+        from: Peer,
         body: String,
     },
     BacklogDone {
@@ -232,11 +335,14 @@ pub enum Event {
     Other,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// One WebSocket session of an account.
-pub struct Session {
-    ws: Ws,
+pub struct Session(Conn);
+
+enum Conn {
+    Chat(Box<Ws>),
+    Xmpp(xmpp::Writer, Box<xmpp::Reader>),
 }
 
 /// Small buffers, as the gateway uses: the tool holds thousands of idle sessions at once.
@@ -247,32 +353,12 @@ fn ws_config() -> WebSocketConfig {
 }
 
 impl Session {
-    /// Opens a session and waits for `hello`. `source` picks the local address (loopback
-    /// has all of 127.0.0.0/8), so many sessions do not run out of ports of one address.
+    /// Opens a chat session with `token` and waits for `hello`. `source` picks the local
+    /// address (loopback has all of 127.0.0.0/8), so many sessions do not run out of ports of
+    /// one address.
     pub async fn connect(url: &Url, token: &str, source: Option<IpAddr>) -> Result<Session> {
-        let host = url.host_str().context("a ws URL has a host")?;
-        let port = url.port_or_known_default().context("a ws URL has a port")?;
-        let addr = tokio::net::lookup_host((host, port))
-            .await?
-            .next()
-            .with_context(|| format!("{host} resolves to nothing"))?;
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = source {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        let stream = socket.connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let mut request = url.as_str().into_client_request()?;
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {token}").parse()?);
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())).await?;
-        let mut session = Session { ws };
+        let ws = dial(url, source, Some(token), None).await?;
+        let mut session = Session(Conn::Chat(Box::new(ws)));
         match session.next().await? {
             Some(Event::Hello) => Ok(session),
             other => Err(anyhow!("the first frame is not hello but {other:?}")),
@@ -293,13 +379,66 @@ impl Session {
 
     /// The next frame the tool understands (`None` when the server closed the socket).
     pub async fn next(&mut self) -> Result<Option<Event>> {
-        next_event(&mut self.ws).await
+        match &mut self.0 {
+            Conn::Chat(ws) => next_event(ws.as_mut()).await,
+            Conn::Xmpp(_, reader) => reader.next().await,
+        }
+    }
+
+    /// Reads events until the stream ends (an idle session's life: reading answers the
+    /// server's pings, and XMPP's ack requests).
+    pub async fn idle(mut self) {
+        while let Ok(Some(_)) = self.next().await {}
     }
 
     pub fn split(self) -> (Writer, Reader) {
-        let (sink, stream) = self.ws.split();
-        (Writer { sink }, Reader { stream })
+        match self.0 {
+            Conn::Chat(ws) => {
+                let (sink, stream) = (*ws).split();
+                (Writer::Chat(sink), Reader::Chat(stream))
+            }
+            Conn::Xmpp(writer, reader) => (Writer::Xmpp(writer), Reader::Xmpp(reader)),
+        }
     }
+}
+
+/// A WebSocket to `url` from `source`, with a bearer `token` or asking for `subprotocol`.
+async fn dial(
+    url: &Url,
+    source: Option<IpAddr>,
+    token: Option<&str>,
+    subprotocol: Option<&str>,
+) -> Result<Ws> {
+    let host = url.host_str().context("a ws URL has a host")?;
+    let port = url.port_or_known_default().context("a ws URL has a port")?;
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .with_context(|| format!("{host} resolves to nothing"))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut request = url.as_str().into_client_request()?;
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse()?);
+    }
+    if let Some(subprotocol) = subprotocol {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", subprotocol.parse()?);
+    }
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())).await?;
+    Ok(ws)
 }
 
 async fn next_event<S>(stream: &mut S) -> Result<Option<Event>>
@@ -321,37 +460,59 @@ where
 }
 
 /// The sending half of a session.
-pub struct Writer {
-    sink: SplitSink<Ws, WsMessage>,
+pub enum Writer {
+    Chat(SplitSink<Ws, WsMessage>),
+    Xmpp(xmpp::Writer),
 }
 
 impl Writer {
-    pub async fn send(&mut self, to: i64, client_id: &str, body: &str) -> Result<()> {
-        let frame = json!({"type": "send", "to": to, "client_id": client_id, "body": body});
-        self.sink.send(WsMessage::text(frame.to_string())).await?;
-        Ok(())
+    pub async fn send(&mut self, to: &Peer, client_id: &str, body: &str) -> Result<()> {
+        match (self, to) {
+            (Writer::Chat(sink), Peer::Id(to)) => {
+                let frame = json!({"type": "send", "to": to, "client_id": client_id, "body": body});
+                sink.send(WsMessage::text(frame.to_string())).await?;
+                Ok(())
+            }
+            (Writer::Xmpp(writer), Peer::Jid(to)) => writer.send(to, client_id, body).await,
+            (_, to) => bail!("{to:?} is not an address of this session's protocol"),
+        }
     }
 
-    /// Tells the server this device has these messages (as every real client does).
+    /// Tells the server this device has these messages (as every real client does). An XMPP
+    /// client acks when the server asks, which its reading half does: nothing to send here.
     pub async fn ack(&mut self, msg_ids: &[String]) -> Result<()> {
-        let frame = json!({"type": "ack", "msg_ids": msg_ids});
-        self.sink.send(WsMessage::text(frame.to_string())).await?;
-        Ok(())
+        match self {
+            Writer::Chat(sink) => {
+                let frame = json!({"type": "ack", "msg_ids": msg_ids});
+                sink.send(WsMessage::text(frame.to_string())).await?;
+                Ok(())
+            }
+            Writer::Xmpp(_) => Ok(()),
+        }
     }
 
-    pub async fn close(mut self) {
-        let _ = self.sink.close().await;
+    pub async fn close(self) {
+        match self {
+            Writer::Chat(mut sink) => {
+                let _ = sink.close().await;
+            }
+            Writer::Xmpp(writer) => writer.close().await,
+        }
     }
 }
 
 /// The receiving half of a session.
-pub struct Reader {
-    stream: SplitStream<Ws>,
+pub enum Reader {
+    Chat(SplitStream<Ws>),
+    Xmpp(Box<xmpp::Reader>),
 }
 
 impl Reader {
     pub async fn next(&mut self) -> Result<Option<Event>> {
-        next_event(&mut self.stream).await
+        match self {
+            Reader::Chat(stream) => next_event(stream).await,
+            Reader::Xmpp(reader) => reader.next().await,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use url::Url;
 
-use crate::chat::{Account, Api, Event, MAX_ACK_IDS, Reader, Session, Writer};
+use crate::chat::{Account, Api, Event, MAX_ACK_IDS, Peer, Reader, Session, Writer};
 use crate::procs::{self, Target, Usage};
 use crate::report::{self, Latency};
 
@@ -178,9 +178,11 @@ impl Fleet {
         let bar = report::bar(accounts.len() as u64, "sessions");
         let sessions: Vec<Session> = futures::stream::iter(accounts.iter().enumerate())
             .map(|(i, account)| {
-                let (url, bar) = (url.clone(), bar.clone());
+                let bar = bar.clone();
+                let source = source(i, &url);
                 async move {
-                    let session = Session::connect(&url, &account.token, source(i, &url))
+                    let session = api
+                        .connect(account, source)
                         .await
                         .with_context(|| format!("connecting {}", account.username))?;
                     bar.inc(1);
@@ -203,8 +205,8 @@ impl Fleet {
             pairs.push(Pair::start(
                 &run,
                 body_size,
-                sender.user_id,
-                receiver.user_id,
+                sender.peer(),
+                receiver.peer(),
                 send_session,
                 receive_session,
             ));
@@ -385,8 +387,8 @@ impl Pair {
     fn start(
         run: &str,
         body_size: usize,
-        from: i64,
-        to: i64,
+        from: Peer,
+        to: Peer,
         sender: Session,
         receiver: Session,
     ) -> Pair {
@@ -428,7 +430,7 @@ fn end(stats: &Mutex<PairStats>, why: String) {
 async fn send(
     run: String,
     body_size: usize,
-    to: i64,
+    to: Peer,
     mut writer: Writer,
     mut orders: mpsc::UnboundedReceiver<Order>,
     stats: Arc<Mutex<PairStats>>,
@@ -439,7 +441,7 @@ async fn send(
             tokio::time::sleep_until(at.into()).await;
             let body = body(&run, order.step, seq, at, body_size);
             let client_id = format!("{run}-{}-{seq}", order.step);
-            if let Err(e) = writer.send(to, &client_id, &body).await {
+            if let Err(e) = writer.send(&to, &client_id, &body).await {
                 return end(&stats, format!("a sender's session failed: {e:#}"));
             }
             stats.lock().expect("stats lock").written += 1;
@@ -490,7 +492,7 @@ fn seq_of(run: &str, step: u32, client_id: &str) -> Option<u64> {
 /// The receiver's side: messages from its sender, acked in batches.
 async fn receive(
     run: String,
-    from: i64,
+    from: Peer,
     mut writer: Writer,
     mut reader: Reader,
     stats: Arc<Mutex<PairStats>>,

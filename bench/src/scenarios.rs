@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use serde_json::json;
+use tokio::task::JoinHandle;
 
-use crate::chat::{Api, Event, MAX_ACK_IDS, Session};
+use crate::chat::{Api, Event, MAX_ACK_IDS, Protocol};
 use crate::load::{self, Fleet, Step};
 use crate::procs::{self, round3};
 use crate::report::{self, Latency, Report};
@@ -15,9 +16,13 @@ use crate::report::{self, Latency, Report};
 /// What every scenario that opens sessions needs to know.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
-    /// The server's HTTP base URL (the WebSocket is `/ws` on it).
+    /// The server's HTTP base URL (the WebSocket is `/ws` on it); with `--target xmpp`, the
+    /// WebSocket URL (e.g. ws://127.0.0.1:5280/ws).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub base: String,
+    /// What the server speaks.
+    #[arg(long, value_enum, default_value_t = Protocol::Chat)]
+    pub target: Protocol,
     /// Keep registered accounts (and their tokens) in this file and reuse them next time:
     /// registering and logging in thousands of users costs the server an argon2 hash each.
     #[arg(long)]
@@ -33,6 +38,12 @@ pub enum Rate {
     Fixed(f64),
     /// Find the highest rate whose p99 stays within the target.
     Max,
+}
+
+impl Common {
+    fn api(&self) -> Result<Api> {
+        Api::new(&self.base, self.target)
+    }
 }
 
 impl std::str::FromStr for Rate {
@@ -66,7 +77,7 @@ pub struct Search {
 }
 
 async fn fleet(common: &Common, pairs: usize) -> Result<Fleet> {
-    let api = Api::new(&common.base)?;
+    let api = common.api()?;
     let accounts = api.accounts(pairs * 2, common.accounts.as_deref()).await?;
     Fleet::connect(&api, &accounts, common.body_size).await
 }
@@ -242,7 +253,7 @@ pub async fn idle(
     users: usize,
     hold: Duration,
 ) -> Result<Report> {
-    let api = Api::new(&common.base)?;
+    let api = common.api()?;
     let users = users.clamp(1, connections.max(1));
     let accounts = api.accounts(users, common.accounts.as_deref()).await?;
     let port = api.server_port();
@@ -251,16 +262,19 @@ pub async fn idle(
     let url = api.ws_url();
     let bar = report::bar(connections as u64, "connected");
     let opened = Instant::now();
-    let sessions: Vec<Result<Session>> = futures::stream::iter(0..connections)
+    // Each session is read from the moment its start is over: reading answers the server's
+    // pings and ack requests, which a server may close a session for leaving unanswered.
+    let sessions: Vec<Result<JoinHandle<()>>> = futures::stream::iter(0..connections)
         .map(|i| {
-            let (url, bar) = (url.clone(), bar.clone());
-            let token = accounts[i % accounts.len()].token.clone();
+            let (api, bar) = (&api, bar.clone());
+            let account = &accounts[i % accounts.len()];
+            let source = load::source(i, &url);
             async move {
-                let mut session = Session::connect(&url, &token, load::source(i, &url)).await?;
+                let mut session = api.connect(account, source).await?;
                 // Counted once its start is over, so the measurement sees only idling.
                 session.until_backlog_done().await?;
                 bar.inc(1);
-                anyhow::Ok(session)
+                anyhow::Ok(tokio::spawn(session.idle()))
             }
         })
         .buffer_unordered(256)
@@ -268,15 +282,12 @@ pub async fn idle(
         .await;
     bar.finish_and_clear();
     let connect_s = opened.elapsed().as_secs_f64();
-    let mut failed = 0;
+    let mut failures = Vec::new();
     let mut readers = Vec::new();
     for session in sessions {
         match session {
-            // Reading answers the server's pings.
-            Ok(mut session) => readers.push(tokio::spawn(async move {
-                while let Ok(Some(_)) = session.next().await {}
-            })),
-            Err(_) => failed += 1,
+            Ok(reader) => readers.push(reader),
+            Err(e) => failures.push(format!("{e:#}")),
         }
     }
     let open = readers.len();
@@ -309,8 +320,11 @@ pub async fn idle(
         );
     }
     report.processes = processes;
-    if failed > 0 {
-        report.problems.push(format!("{failed} connections failed"));
+    if let Some(first) = failures.first() {
+        report.problems.push(format!(
+            "{} connections failed, the first: {first}",
+            failures.len()
+        ));
     }
     if still_open < open {
         report.problems.push(format!(
@@ -326,17 +340,20 @@ pub async fn idle(
 
 /// `messages` sent to a user who is offline, then the rate at which they are replayed when
 /// the user connects (from `hello` to `backlog_done`), checked complete, in order, once.
+///
+/// XMPP has no end-of-replay marker: there the replay ends with the last message.
 pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Report> {
-    let api = Api::new(&common.base)?;
+    let api = common.api()?;
+    let marked = api.protocol() == Protocol::Chat;
     // Fresh accounts: a reused receiver would bring an old backlog along.
     let accounts = api.accounts(2, None).await?;
     let (sender, receiver) = (&accounts[0], &accounts[1]);
-    let url = api.ws_url();
     let run = crate::chat::run_tag();
     let watched = procs::targets(api.server_port());
 
     // Send with `window` messages awaiting `sent` at a time.
-    let (mut writer, mut reader) = Session::connect(&url, &sender.token, None).await?.split();
+    let (mut writer, mut reader) = api.connect(sender, None).await?.split();
+    let to = receiver.peer();
     let bar = report::bar(messages, "offline");
     let (mut written, mut accepted) = (0u64, 0u64);
     let mut newest = String::new();
@@ -344,9 +361,7 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     while accepted < messages {
         while written < messages && written - accepted < window as u64 {
             let body = load::body(&run, 0, written, Instant::now(), common.body_size);
-            writer
-                .send(receiver.user_id, &format!("{run}-{written}"), &body)
-                .await?;
+            writer.send(&to, &format!("{run}-{written}"), &body).await?;
             written += 1;
         }
         match reader.next().await? {
@@ -363,25 +378,28 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     let send_s = sending.elapsed().as_secs_f64();
     bar.finish_and_clear();
     writer.close().await;
-    // `sent` means durable, not stored yet: wait until the history shows the last message,
-    // so that what follows times the replay, not the store catching up.
-    let stored_by = Instant::now() + STORE_PATIENCE;
-    while api
-        .newest_message(&sender.token, receiver.user_id)
-        .await?
-        .as_deref()
-        != Some(&newest)
-    {
-        if Instant::now() > stored_by {
-            bail!("the last message was not in the history after {STORE_PATIENCE:?}");
+    // The chat's `sent` means durable, not stored yet: wait until the history shows the last
+    // message, so that what follows times the replay, not the store catching up. (ejabberd
+    // stores an offline message while routing it, before it acks the stanza.)
+    if marked {
+        let stored_by = Instant::now() + STORE_PATIENCE;
+        while api
+            .newest_message(&sender.token, receiver.user_id)
+            .await?
+            .as_deref()
+            != Some(&newest)
+        {
+            if Instant::now() > stored_by {
+                bail!("the last message was not in the history after {STORE_PATIENCE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let store_s = sending.elapsed().as_secs_f64() - send_s;
 
     let watch = procs::Watch::start(&watched);
     let connecting = Instant::now();
-    let session = Session::connect(&url, &receiver.token, None).await?;
+    let session = api.connect(receiver, None).await?;
     let hello = Instant::now();
     let (mut acks, mut reader) = session.split();
     let bar = report::bar(messages, "replayed");
@@ -389,8 +407,17 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
     let (mut delivered, mut duplicates, mut out_of_order) = (0u64, 0u64, 0u64);
     let mut unacked = Vec::new();
     let mut hist = report::histogram();
-    let count = loop {
-        match reader.next().await? {
+    let mut count = None;
+    loop {
+        let event = if marked {
+            reader.next().await?
+        } else {
+            match tokio::time::timeout(LATE_PATIENCE, reader.next()).await {
+                Ok(event) => event?,
+                Err(_) => break,
+            }
+        };
+        match event {
             Some(Event::Message { msg_id, body, .. }) => {
                 if let Some(stamp) = load::parse_body(&run, &body) {
                     hist.saturating_record(load::micros_since(stamp.at));
@@ -409,17 +436,23 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
                     acks.ack(&unacked).await?;
                     unacked.clear();
                 }
+                if !marked && delivered + duplicates + out_of_order >= messages {
+                    break;
+                }
             }
-            Some(Event::BacklogDone { count }) => break count,
+            Some(Event::BacklogDone { count: c }) if marked => {
+                count = Some(c);
+                break;
+            }
             Some(_) => {}
             None => bail!("the server closed the receiver's session during the replay"),
         }
-    };
+    }
     let replay = hello.elapsed();
     // Anything still missing may come live after `backlog_done` (late: a broken promise, but
     // not lost); wait for it a while.
     let mut late = 0u64;
-    while delivered + late < messages {
+    while marked && delivered + late < messages {
         match tokio::time::timeout(LATE_PATIENCE, reader.next()).await {
             Ok(Ok(Some(Event::Message { body, .. }))) => {
                 if load::parse_body(&run, &body).is_some() {
@@ -449,7 +482,6 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
         "connect_to_hello_ms",
         round3((hello - connecting).as_secs_f64() * 1000.0),
     );
-    report.detail("backlog_done_count", count);
     report.detail("send_s", round3(send_s));
     report.detail("store_catch_up_s", round3(store_s));
     report.detail("age_at_replay_ms", Latency::of(&hist));
@@ -463,10 +495,13 @@ pub async fn backlog(common: &Common, messages: u64, window: usize) -> Result<Re
             .problems
             .push(format!("{out_of_order} messages out of order"));
     }
-    if count != delivered {
-        report.problems.push(format!(
-            "backlog_done says {count} but {delivered} of this run's messages came"
-        ));
+    if let Some(count) = count {
+        report.detail("backlog_done_count", count);
+        if count != delivered {
+            report.problems.push(format!(
+                "backlog_done says {count} but {delivered} of this run's messages came"
+            ));
+        }
     }
     Ok(report)
 }
@@ -479,7 +514,7 @@ const LATE_PATIENCE: Duration = Duration::from_secs(10);
 /// `connections` sessions opened at the same moment: how long until every one has `hello`
 /// (and `backlog_done`).
 pub async fn storm(common: &Common, connections: usize) -> Result<Report> {
-    let api = Api::new(&common.base)?;
+    let api = common.api()?;
     let accounts = api
         .accounts(connections, common.accounts.as_deref())
         .await?;
@@ -490,12 +525,13 @@ pub async fn storm(common: &Common, connections: usize) -> Result<Report> {
         .iter()
         .enumerate()
         .map(|(i, account)| {
-            let (url, token) = (url.clone(), account.token.clone());
+            let (api, account) = (api.clone(), account.clone());
+            let source = load::source(i, &url);
             let mut go = start.1.clone();
             tokio::spawn(async move {
                 let _ = go.wait_for(|go| *go).await;
                 let began = Instant::now();
-                let mut session = Session::connect(&url, &token, load::source(i, &url)).await?;
+                let mut session = api.connect(&account, source).await?;
                 let hello = began.elapsed();
                 session.until_backlog_done().await?;
                 anyhow::Ok((hello, began.elapsed(), session))

@@ -173,3 +173,115 @@ async fn the_raw_backends_are_timed_and_left_clean() {
         .unwrap();
     assert!(left.is_none(), "database bench_{tag} is left");
 }
+
+/// ejabberd (bench/scripts/ejabberd) on a port and, with SQL, a database of its own; stopped
+/// (its node, spool and database gone) when dropped, even by a failing test.
+struct Ejabberd {
+    script: std::process::Child,
+    ws: String,
+}
+
+impl Ejabberd {
+    async fn start(db: &str) -> Ejabberd {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let database = format!(
+            "test_ejabberd_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let script = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../bench/scripts/ejabberd"
+        ))
+        .env("EJABBERD_PORT", port.to_string())
+        .env("EJABBERD_DB", db)
+        .env("EJABBERD_SQL_DATABASE", &database)
+        .env("EJABBERD_DROP_DB", "1")
+        .spawn()
+        .expect("bench/scripts/ejabberd starts (scripts/test installs ejabberd)");
+        let mut ejabberd = Ejabberd {
+            script,
+            ws: format!("ws://127.0.0.1:{port}/ws"),
+        };
+        // It listens once its modules are up.
+        let deadline = tokio::time::Instant::now() + EJABBERD_START;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = ejabberd.script.try_wait() {
+                panic!("bench/scripts/ejabberd exited ({status}) before ejabberd listened");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ejabberd did not listen on {port} within {EJABBERD_START:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        ejabberd
+    }
+}
+
+impl Drop for Ejabberd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.script.id().to_string()])
+            .status();
+        let _ = self.script.wait();
+    }
+}
+
+/// How long an Erlang node may take to start on a busy machine.
+const EJABBERD_START: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// The XMPP driver (issue 7's comparison) against ejabberd with `store`: every scenario
+/// delivers everything once.
+async fn xmpp_smoke(store: &str) {
+    let ejabberd = Ejabberd::start(store).await;
+    let base = ejabberd.ws.as_str();
+    let xmpp = ["--target", "xmpp", "--base", base];
+
+    let run = bench(
+        &[
+            &["throughput"][..],
+            &xmpp,
+            &["--pairs", "4", "--rate", "200", "--duration", "2"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_complete(&run);
+    assert!(run["latency_ms"]["p99"].as_f64() > Some(0.0), "{run}");
+    assert_eq!(run["accepted"], run["sent"], "every send acked: {run}");
+
+    let run = bench(&[&["backlog"][..], &xmpp, &["--messages", "300"]].concat()).await;
+    assert_complete(&run);
+
+    let run = bench(
+        &[
+            &["idle"][..],
+            &xmpp,
+            &["--connections", "40", "--users", "10", "--hold", "1"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(run["connections"], 40, "{run}");
+    assert_eq!(run["still_open_after_hold"], 40, "{run}");
+
+    let run = bench(&[&["storm"][..], &xmpp, &["--connections", "40"]].concat()).await;
+    assert_eq!(run["connected"], 40, "{run}");
+    drop(ejabberd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_xmpp_driver_delivers_everything_once_against_ejabberd_on_mariadb() {
+    xmpp_smoke("sql").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_xmpp_driver_delivers_everything_once_against_ejabberd_on_mnesia() {
+    xmpp_smoke("mnesia").await;
+}
