@@ -7,14 +7,12 @@ ratio ours / ejabberd's (on MariaDB, the like-for-like one).
 
 Prints Markdown (also written to <dir>/summary.md).
 """
-import glob
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from summarise import cpu_per_10k, dig, fmt  # noqa: E402
+from summarise import cpu_per_10k, dig, fmt, load  # noqa: E402
 
 SYSTEMS = ["stack", "ejabberd-sql", "ejabberd-mnesia"]
 
@@ -27,23 +25,6 @@ ROWS = [
     ("RSS per idle connection", "idle", "rss_per_connection_kib", "KiB", "low"),
     ("backlog replay to one client", "backlog", "replay_msgs_s", "msgs/s", "high"),
 ]
-
-
-def load(directory):
-    reports = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
-        name = os.path.basename(path)[:-5]
-        scenario, rest = name.split("-", 1)
-        if scenario == "accounts":
-            continue
-        system, _run = rest.rsplit("-", 1)
-        try:
-            with open(path) as f:
-                report = json.load(f)
-        except (json.JSONDecodeError, OSError):
-            continue
-        reports.setdefault((scenario, system), []).append(report)
-    return reports
 
 
 def figures(reports, scenario, system, figure):

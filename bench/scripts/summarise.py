@@ -17,9 +17,11 @@ def load(directory):
     reports = {}
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
         name = os.path.basename(path)[:-5]
-        if name.startswith("accounts-"):
+        # <scenario>-<target>-<run>; a target may have a dash of its own (ejabberd-sql).
+        scenario, rest = name.split("-", 1)
+        if scenario == "accounts":
             continue
-        scenario, target, _run = name.rsplit("-", 2)
+        target, _run = rest.rsplit("-", 1)
         try:
             with open(path) as f:
                 report = json.load(f)

@@ -356,7 +356,7 @@ impl Session {
     /// Opens a chat session with `token` and waits for `hello`. `source` picks the local
     /// address (loopback has all of 127.0.0.0/8), so many sessions do not run out of ports of
     /// one address.
-    pub async fn connect(url: &Url, token: &str, source: Option<IpAddr>) -> Result<Session> {
+    async fn connect(url: &Url, token: &str, source: Option<IpAddr>) -> Result<Session> {
         let ws = dial(url, source, Some(token), None).await?;
         let mut session = Session(Conn::Chat(Box::new(ws)));
         match session.next().await? {
