@@ -1,9 +1,10 @@
 //! Open-loop load over pairs of sessions.
 //!
 //! Each pair's sender sends on a fixed schedule whatever the server does and writes the
-//! scheduled time into the body; the pair's receiver measures from that time to the
-//! `message` frame. A server that falls behind therefore shows it as latency instead of
-//! quietly slowing the sender down (no coordinated omission). Receivers ack what they get,
+//! scheduled time into the body (plus at most [`TIMER_SLACK`] of its own timer's lateness);
+//! the pair's receiver measures from that time to the `message` frame. A server that falls
+//! behind therefore shows it as latency instead of quietly slowing the sender down (no
+//! coordinated omission). Receivers ack what they get,
 //! as every real client does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,6 +23,11 @@ use crate::chat::{Account, Api, Event, MAX_ACK_IDS, Peer, Reader, Session, Write
 use crate::procs::{self, Target, Usage};
 use crate::report::{self, Latency};
 
+/// tokio's timer wakes a sleeper on the first millisecond tick after its deadline, so every
+/// send starts up to this much after its scheduled time through the tool's own clock. That
+/// much lateness is stamped as the send time and not counted; beyond it (a sender held up,
+/// e.g. by a server that stopped reading) the lateness counts as latency.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// Sessions opened at once while setting up.
 const CONNECT_CONCURRENCY: usize = 64;
 /// How long the tool waits for the last messages once nothing has arrived any more.
@@ -439,7 +445,8 @@ async fn send(
         for seq in 0..order.count {
             let at = order.start + order.interval.mul_f64(seq as f64);
             tokio::time::sleep_until(at.into()).await;
-            let body = body(&run, order.step, seq, at, body_size);
+            let late = Instant::now().saturating_duration_since(at);
+            let body = body(&run, order.step, seq, at + late.min(TIMER_SLACK), body_size);
             let client_id = format!("{run}-{}-{seq}", order.step);
             if let Err(e) = writer.send(&to, &client_id, &body).await {
                 return end(&stats, format!("a sender's session failed: {e:#}"));

@@ -1,8 +1,8 @@
 //! The bare relay: the least a server must do for this workload, to measure the machine's
 //! limit with the same load tool. It speaks the part of PROTOCOL.md the scenarios use —
 //! register, login, `/ws` with `hello` and `backlog_done`, `send` answered by `sent` and
-//! pushed as `message`, `ack`, `ping` — on the same axum and WebSocket settings as the
-//! gateway, and nothing else: no NATS, no storage, no presence, nothing survives a restart.
+//! pushed as `message`, `ack`, `ping` — on the same axum and WebSocket settings and the same
+//! socket writer as the gateway (`chat_gateway::socket`), and nothing else: no NATS, no storage, no presence, nothing survives a restart.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -109,14 +109,12 @@ async fn upgrade(
     let Some(user) = user_of(&headers, &query) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    ws.read_buffer_size(4096)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| session(relay, user, socket))
+    chat_gateway::socket::configure(ws).on_upgrade(move |socket| session(relay, user, socket))
 }
 
 async fn session(relay: Arc<Relay>, user: i64, socket: WebSocket) {
     let id = relay.next_session.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
+    let (tx, rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
     relay
         .sessions
         .write()
@@ -124,14 +122,8 @@ async fn session(relay: Arc<Relay>, user: i64, socket: WebSocket) {
         .entry(user)
         .or_default()
         .push((id, tx.clone()));
-    let (mut sink, mut stream) = socket.split();
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.send(frame).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (sink, mut stream) = socket.split();
+    let writer = tokio::spawn(chat_gateway::socket::write_loop(sink, rx));
     let _ = tx.try_send(text(json!({"type": "hello", "user_id": user, "session_id": id.to_string(), "server_time": now_ms()})));
     let _ = tx.try_send(text(json!({"type": "backlog_done", "count": 0})));
     while let Some(Ok(frame)) = stream.next().await {

@@ -202,11 +202,12 @@ pub async fn latency(
     duration: Duration,
     search: &Search,
 ) -> Result<Report> {
+    let mut report = Report::new("latency", &common.base);
     let mut quiet = fleet(common, 1).await?;
+    absorb(&mut report, &quiet.step(UNLOADED_RATE, WARM_UP).await);
     let unloaded = quiet.step(UNLOADED_RATE, duration).await;
     drop(quiet);
     let mut busy = fleet(common, pairs).await?;
-    let mut report = Report::new("latency", &common.base);
     let max_rate = match max_rate {
         Some(rate) => rate,
         None => {
@@ -217,7 +218,9 @@ pub async fn latency(
                 .context("no rate met the target, so there is no half of it")?
         }
     };
-    let half = busy.step((max_rate / 2.0).round(), duration).await;
+    let half_rate = (max_rate / 2.0).round();
+    absorb(&mut report, &busy.step(half_rate, WARM_UP).await);
+    let half = busy.step(half_rate, duration).await;
     absorb(&mut report, &unloaded);
     absorb(&mut report, &half);
     report.throughput_msgs_s = half.report.throughput_msgs_s;
@@ -234,12 +237,18 @@ pub async fn latency(
         "half_max",
         json!({
             "max_rate_msgs_s": max_rate,
-            "rate_msgs_s": (max_rate / 2.0).round(),
+            "rate_msgs_s": half_rate,
             "latency_ms": half.latency,
         }),
     );
     Ok(report)
 }
+
+/// A fleet's first moments (its sessions just announced, with their presence fan-out; the
+/// gateway's cache of known recipients filling) are not the steady state the latency figures
+/// are about: before each measured step the fleet runs this long at the same rate, counted
+/// for losses and duplicates like everything else, not for latency.
+const WARM_UP: Duration = Duration::from_secs(2);
 
 /// One pair sending this many messages a second leaves ~5 ms between messages: each one
 /// crosses an idle system.

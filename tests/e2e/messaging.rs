@@ -1,6 +1,7 @@
 //! Live delivery, receipts, retries and several devices.
 
 use chat_tests::TestEnv;
+use futures::StreamExt;
 use serde_json::json;
 
 /// PROTOCOL guarantee: `sent` means accepted; the recipient gets `message`; its `ack` gives
@@ -79,6 +80,75 @@ async fn retried_client_id_returns_the_first_message() {
         .get(&b, &format!("/api/v1/conversations/{}/messages", a.id))
         .await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+    env.finish().await;
+}
+
+/// A sender with one device is not sent its own message back: the router saw that device
+/// alone, so the store's "stored" notice goes to the recipient only (one NATS message and one
+/// de-dup per message less). Watched on one wildcard subscription, which keeps the store's
+/// publishes in order: a notice of the first message to the sender would come before the
+/// recipient's notice of the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_only_device_gets_no_stored_notice_of_its_own_messages() {
+    let env = TestEnv::start_default().await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
+    let users = format!("{}.user.*", env.subjects.namespace());
+    let mut events = nats.subscribe(users).await.unwrap();
+    nats.flush().await.unwrap();
+    let mut ca = env.connect(&a).await;
+    ca.backlog().await;
+    // Bob is offline: the only message event on his subject is the store's notice.
+    ca.send_and_confirm(b.id, "n-1", "first").await;
+    let second = ca.send_and_confirm(b.id, "n-2", "second").await;
+    let (alice, bob) = (env.subjects.user(a.id), env.subjects.user(b.id));
+    let mut own = 0;
+    loop {
+        let event = tokio::time::timeout(chat_tests::WAIT, events.next())
+            .await
+            .expect("the store's notice to bob")
+            .unwrap();
+        let frame: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        if frame["type"] != "message" {
+            continue;
+        }
+        if event.subject.as_str() == alice {
+            own += 1;
+        }
+        if event.subject.as_str() == bob && frame["msg_id"] == second.as_str() {
+            break;
+        }
+    }
+    assert_eq!(own, 0, "alice's only device was sent her own messages");
+    env.finish().await;
+}
+
+/// When presence has lost the sender's sessions (as after Redis restarted empty, until the
+/// next heartbeat), the router cannot know about the sender's other devices: the store's
+/// notice still brings them the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_senders_other_device_gets_its_copy_when_presence_lost_the_sessions() {
+    let env = TestEnv::start_default().await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut a1 = env.connect(&a).await;
+    let mut a2 = env.connect(&a).await;
+    a1.backlog().await;
+    a2.backlog().await;
+    let redis = redis::Client::open(env.redis_url()).unwrap();
+    let mut con = redis.get_multiplexed_async_connection().await.unwrap();
+    let sessions = format!("{}sessions:{}", env.subjects.redis_prefix(), a.id);
+    let _: () = redis::cmd("DEL")
+        .arg(&sessions)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let id = a1
+        .send_and_confirm(b.id, "p-1", "while presence forgot me")
+        .await;
+    assert_eq!(
+        a2.expect_body("while presence forgot me").await["msg_id"],
+        id
+    );
     env.finish().await;
 }
 

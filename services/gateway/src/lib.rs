@@ -16,6 +16,7 @@ mod meters;
 mod send;
 mod sessions;
 mod settle;
+pub mod socket;
 mod web;
 mod ws;
 

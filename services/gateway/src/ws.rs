@@ -1,10 +1,11 @@
 //! WebSocket sessions (`GET /ws`).
 //!
-//! A connection is three tasks: a writer that owns the socket's sink and drains a bounded
-//! queue of outbound frames; a sender that publishes what the client sends, in order, and
-//! answers `sent` as JetStream confirms (see [`crate::send`]); and the connection loop here,
-//! which reads the client's frames, receives the user's events from NATS and replays the
-//! backlog. Connecting follows DESIGN.md's order (subscribe and flush, announce the session,
+//! A connection is up to three tasks: a writer that owns the socket's sink and drains a
+//! bounded queue of outbound frames; a sender that publishes what the client sends, in
+//! order, and answers `sent` as JetStream confirms (see [`crate::send`]), started with the
+//! client's first frame that needs it (most connections sit idle: they cost no task and no
+//! queue for it); and the connection loop here, which reads the client's frames, receives
+//! the user's events from NATS and replays the backlog. Connecting follows DESIGN.md's order (subscribe and flush, announce the session,
 //! then query the backlog), which is why no message falls between the backlog and live
 //! delivery.
 
@@ -17,11 +18,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chat_proto::envelope::{Backlog, Page};
 use chat_proto::frame::{ClientFrame, ServerFrame, parse_client_frame};
-use chat_proto::limits::{BACKLOG_PAGE, MAX_FRAME_BYTES};
+use chat_proto::limits::BACKLOG_PAGE;
 use chat_proto::{ErrorCode, StoreOp, UserId};
 use chat_runtime::telemetry;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use futures::stream::SplitStream;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -34,6 +35,7 @@ use crate::error::ApiError;
 use crate::ids::RecentIds;
 use crate::meters;
 use crate::send::{self, Outgoing};
+use crate::socket;
 
 /// The server pings this often ...
 const PING_EVERY: Duration = Duration::from_secs(25);
@@ -72,14 +74,10 @@ pub(crate) async fn upgrade(
     };
     // Held for the connection's life, so shutdown can wait for every socket to close.
     let alive = state.connections.token();
-    ws.max_frame_size(MAX_FRAME_BYTES)
-        .max_message_size(MAX_FRAME_BYTES)
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| async move {
-            run(state, socket, user, expires).await;
-            drop(alive);
-        })
+    socket::configure(ws).on_upgrade(move |ws| async move {
+        run(state, ws, user, expires).await;
+        drop(alive);
+    })
 }
 
 /// Why a connection ended, and the close frame it gets.
@@ -129,7 +127,8 @@ struct Connection {
     state: AppState,
     user: UserId,
     out: mpsc::Sender<WsMessage>,
-    outgoing: mpsc::Sender<Outgoing>,
+    /// The sender task's queue, once the client has sent something to publish.
+    outgoing: Option<(mpsc::Sender<Outgoing>, tokio::task::JoinHandle<()>)>,
     seen: RecentIds,
     /// Events that arrive while the backlog replays, pushed after it in arrival order;
     /// `None` once the backlog is done.
@@ -145,7 +144,7 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
     async {
         let (sink, stream) = socket.split();
         let (out, out_rx) = mpsc::channel(state.config.outbound_queue);
-        let writer = tokio::spawn(write_loop(sink, out_rx));
+        let writer = tokio::spawn(socket::write_loop(sink, out_rx));
 
         // (a) Subscribe and flush, so every event from here on reaches us ...
         let sub = match state.nats.subscribe(state.subjects.user(user)).await {
@@ -176,11 +175,6 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
         let replay = tracing::info_span!(parent: None, "gateway.backlog", user_id = user);
         let backlog =
             tokio::spawn(fetch_backlog(state.clone(), user, backlog_tx).instrument(replay));
-        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
-        let sender = tokio::spawn(
-            send::run(state.clone(), user, outgoing_rx, out.clone()).in_current_span(),
-        );
-
         let rate =
             std::num::NonZeroU32::new(state.config.send_rate.max(1)).expect("max(1) is non-zero");
         let burst =
@@ -189,7 +183,7 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
             state: state.clone(),
             user,
             out: out.clone(),
-            outgoing,
+            outgoing: None,
             seen: RecentIds::new(RECENT_IDS),
             held: Some(Vec::new()),
             replayed: 0,
@@ -203,7 +197,9 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
         tracing::debug!(?end, "connection ends");
 
         backlog.abort();
-        sender.abort();
+        if let Some((_, sender)) = conn.outgoing.take() {
+            sender.abort();
+        }
         state.session_down(user, &session_id).await;
         drop(conn);
         finish(writer, out, end).await;
@@ -225,16 +221,6 @@ async fn finish(writer: tokio::task::JoinHandle<()>, out: mpsc::Sender<WsMessage
     {
         abort.abort();
     }
-}
-
-async fn write_loop(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<WsMessage>) {
-    while let Some(msg) = rx.recv().await {
-        let closing = matches!(msg, WsMessage::Close(_));
-        if sink.send(msg).await.is_err() || closing {
-            break;
-        }
-    }
-    let _ = sink.close().await;
 }
 
 fn text(json: String) -> WsMessage {
@@ -273,6 +259,14 @@ async fn fetch_backlog(state: AppState, user: UserId, tx: mpsc::Sender<BacklogEv
     }
 }
 
+/// The backlog task's next event; never, once the backlog is done.
+async fn next_page(backlog: &mut Option<mpsc::Receiver<BacklogEvent>>) -> Option<BacklogEvent> {
+    match backlog {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 #[derive(Deserialize)]
 struct EventHead {
     #[serde(rename = "type")]
@@ -287,9 +281,11 @@ impl Connection {
         &mut self,
         mut stream: SplitStream<WebSocket>,
         mut sub: async_nats::Subscriber,
-        mut backlog: mpsc::Receiver<BacklogEvent>,
+        backlog: mpsc::Receiver<BacklogEvent>,
         token_left: Duration,
     ) -> End {
+        // Dropped once the backlog is done: an idle connection keeps no queue for it.
+        let mut backlog = Some(backlog);
         let expiry = tokio::time::sleep(token_left);
         tokio::pin!(expiry);
         let mut ping =
@@ -311,9 +307,12 @@ impl Connection {
                     Some(m) => self.on_event(m),
                     None => Err(End::Internal),
                 },
-                event = backlog.recv(), if self.held.is_some() => match event {
+                event = next_page(&mut backlog) => match event {
                     Some(BacklogEvent::Page(messages)) => self.replay(messages).await,
-                    Some(BacklogEvent::Done) => self.backlog_done(),
+                    Some(BacklogEvent::Done) => {
+                        backlog = None;
+                        self.backlog_done()
+                    }
                     None => Err(End::Internal),
                 },
                 _ = ping.tick() => {
@@ -405,7 +404,12 @@ impl Connection {
             ClientFrame::Ack { msg_ids } => Outgoing::Ack { msg_ids },
             ClientFrame::Read { peer, up_to } => Outgoing::Read { peer, up_to },
         };
-        match self.outgoing.try_send(item) {
+        let (outgoing, _) = self.outgoing.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+            let run = send::run(self.state.clone(), self.user, rx, self.out.clone());
+            (tx, tokio::spawn(run.in_current_span()))
+        });
+        match outgoing.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => {
                 self.push_frame(limited(item.client_id()))

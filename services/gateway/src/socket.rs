@@ -1,0 +1,51 @@
+//! The WebSocket itself: buffer sizes, and the writer that owns a socket's sending half.
+//!
+//! Public so that the benchmark's bare relay (`chat-bench relay`) runs with exactly these
+//! settings and this writer: it is the yardstick the gateway is measured against.
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use chat_proto::limits::MAX_FRAME_BYTES;
+use futures::SinkExt;
+use futures::stream::SplitSink;
+use tokio::sync::mpsc;
+
+/// Bytes read from a socket at a time. tungstenite's default (128 KiB) would be most of an
+/// idle connection's memory.
+const READ_BUFFER: usize = 4096;
+/// Frames are gathered up to about this many bytes before they are written (and always
+/// written once the queue behind them is empty): frames that are ready together go out in
+/// one system call. The buffer keeps the capacity it grew to (as it did with frames written
+/// one by one, when it grew to the largest frame), so it is kept small.
+const WRITE_BUFFER: usize = 4096;
+
+/// The socket settings of every connection: PROTOCOL's 64 KiB frame limit and small buffers.
+pub fn configure(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.max_frame_size(MAX_FRAME_BYTES)
+        .max_message_size(MAX_FRAME_BYTES)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+}
+
+/// Writes the frames of `rx` to `sink` until either ends or a close frame has been sent.
+/// Whatever is queued when the writer wakes is written together, flushed once.
+pub async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Message>) {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut closing = false;
+        let mut failed = false;
+        while let Some(msg) = next.take() {
+            closing = matches!(msg, Message::Close(_));
+            if sink.feed(msg).await.is_err() {
+                failed = true;
+                break;
+            }
+            if !closing {
+                next = rx.try_recv().ok();
+            }
+        }
+        if failed || sink.flush().await.is_err() || closing {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
