@@ -4,8 +4,7 @@
 //! scheduled time into the body (plus at most [`TIMER_SLACK`] of its own timer's lateness);
 //! the pair's receiver measures from that time to the `message` frame. A server that falls
 //! behind therefore shows it as latency instead of quietly slowing the sender down (no
-//! coordinated omission). Receivers ack what they get,
-//! as every real client does.
+//! coordinated omission). Receivers ack what they get, as every real client does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;

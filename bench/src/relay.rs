@@ -2,7 +2,8 @@
 //! limit with the same load tool. It speaks the part of PROTOCOL.md the scenarios use —
 //! register, login, `/ws` with `hello` and `backlog_done`, `send` answered by `sent` and
 //! pushed as `message`, `ack`, `ping` — on the same axum and WebSocket settings and the same
-//! socket writer as the gateway (`chat_gateway::socket`), and nothing else: no NATS, no storage, no presence, nothing survives a restart.
+//! socket writer as the gateway (`chat_gateway::socket`), and nothing else: no NATS, no
+//! storage, no presence, nothing survives a restart.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

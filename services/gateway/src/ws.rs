@@ -5,9 +5,9 @@
 //! order, and answers `sent` as JetStream confirms (see [`crate::send`]), started with the
 //! client's first frame that needs it (most connections sit idle: they cost no task and no
 //! queue for it); and the connection loop here, which reads the client's frames, receives
-//! the user's events from NATS and replays the backlog. Connecting follows DESIGN.md's order (subscribe and flush, announce the session,
-//! then query the backlog), which is why no message falls between the backlog and live
-//! delivery.
+//! the user's events from NATS and replays the backlog. Connecting follows DESIGN.md's
+//! order (subscribe and flush, announce the session, then query the backlog), which is why
+//! no message falls between the backlog and live delivery.
 
 use std::time::{Duration, Instant};
 
