@@ -345,7 +345,8 @@ enum Conn {
     Xmpp(xmpp::Writer, Box<xmpp::Reader>),
 }
 
-/// Small buffers, as the gateway uses: the tool holds thousands of idle sessions at once.
+/// Small buffers: the tool holds thousands of idle sessions at once, and writes each frame
+/// as it sends it.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)

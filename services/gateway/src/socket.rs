@@ -29,21 +29,19 @@ pub fn configure(ws: WebSocketUpgrade) -> WebSocketUpgrade {
 /// Writes the frames of `rx` to `sink` until either ends or a close frame has been sent.
 /// Whatever is queued when the writer wakes is written together, flushed once.
 pub async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Message>) {
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut closing = false;
-        let mut failed = false;
-        while let Some(msg) = next.take() {
-            closing = matches!(msg, Message::Close(_));
-            if sink.feed(msg).await.is_err() {
-                failed = true;
-                break;
+    'socket: while let Some(mut msg) = rx.recv().await {
+        loop {
+            let closing = matches!(msg, Message::Close(_));
+            // After a close frame nothing more is written; `close` below flushes it.
+            if sink.feed(msg).await.is_err() || closing {
+                break 'socket;
             }
-            if !closing {
-                next = rx.try_recv().ok();
+            match rx.try_recv() {
+                Ok(next) => msg = next,
+                Err(_) => break,
             }
         }
-        if failed || sink.flush().await.is_err() || closing {
+        if sink.flush().await.is_err() {
             break;
         }
     }
