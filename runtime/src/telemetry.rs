@@ -17,10 +17,15 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// The target of spans that are for the logs only, never part of a trace: a connection's
+/// span, open for hours, would make one huge trace exported only at its end, and would keep
+/// its OpenTelemetry data (~1 KiB) as long. Spans opened inside one start traces of their own.
+pub const LOGS_ONLY: &str = "chat::logs_only";
 
 /// Keeps the tracer provider alive; dropping it flushes and shuts it down.
 pub struct TelemetryGuard {
@@ -70,7 +75,7 @@ pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
         .with_tracked_inactivity(false)
         .with_context_activation(false)
         .with_threads(false)
-        .with_filter(LevelFilter::INFO);
+        .with_filter(LevelFilter::INFO.and(filter_fn(|meta| meta.target() != LOGS_ONLY)));
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)

@@ -100,7 +100,8 @@ async fn otlp_receiver() -> (String, Spans) {
 /// The three services, as processes exporting over OTLP: one message makes one trace whose
 /// root is the sender's gateway span, with the router's routing span, the store's write
 /// span and the recipient's gateway push span as its descendants; a connect's backlog
-/// replay is a trace of its own.
+/// replay, and the recipient's ack, are traces of their own (the connection's span, open
+/// for the socket's life, is in the logs only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_is_one_exported_trace_across_the_three_services() {
     let (endpoint, spans) = otlp_receiver().await;
@@ -121,6 +122,10 @@ async fn one_message_is_one_exported_trace_across_the_three_services() {
     cb.backlog().await;
     let id = ca.send_and_confirm(b.id, "t1", "traced").await;
     cb.expect_body("traced").await;
+    cb.send_json(serde_json::json!({"type": "ack", "msg_ids": [id]}))
+        .await;
+    ca.expect(&format!("receipt for {id}"), |v| v["type"] == "receipt")
+        .await;
 
     let wanted = [
         ("chat-router", "router.route"),
@@ -159,9 +164,13 @@ async fn one_message_is_one_exported_trace_across_the_three_services() {
         services.into_iter().collect::<Vec<_>>(),
         ["chat-gateway", "chat-router", "chat-store"]
     );
-    // Each connect's backlog replay, and each HTTP request (register, login), is a trace of
-    // its own, holding the store's answer.
-    for root_name in ["gateway.backlog", "request"] {
+    // Each connect's backlog replay, each HTTP request (register, login) and each ack is a
+    // trace of its own, holding the store's work for it.
+    for (root_name, child) in [
+        ("gateway.backlog", "store.rpc"),
+        ("request", "store.rpc"),
+        ("gateway.ack", "store.delivered"),
+    ] {
         chat_tests::eventually(&format!("{root_name} traced"), || async {
             let spans = spans.lock().unwrap().clone();
             spans
@@ -170,7 +179,7 @@ async fn one_message_is_one_exported_trace_across_the_three_services() {
                 .any(|r| {
                     spans
                         .iter()
-                        .any(|s| s.0 == "chat-store" && s.4 == "store.rpc" && s.3 == r.2)
+                        .any(|s| s.0 == "chat-store" && s.4 == child && s.3 == r.2)
                 })
                 .then_some(())
         })

@@ -22,10 +22,11 @@ use chat_proto::limits::BACKLOG_PAGE;
 use chat_proto::{ErrorCode, StoreOp, UserId};
 use chat_runtime::telemetry;
 use futures::StreamExt;
-use futures::stream::SplitStream;
+use futures::stream::{SplitSink, SplitStream};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -74,9 +75,14 @@ pub(crate) async fn upgrade(
     };
     // Held for the connection's life, so shutdown can wait for every socket to close.
     let alive = state.connections.token();
-    socket::configure(ws).on_upgrade(move |ws| async move {
-        run(state, ws, user, expires).await;
-        drop(alive);
+    socket::configure(ws).on_upgrade(move |ws| {
+        // Split here, not in `run`: a socket passed into an async fn stays in its state
+        // (~900 bytes) for the connection's life even after it is split.
+        let (sink, stream) = ws.split();
+        async move {
+            run(state, sink, stream, user, expires).await;
+            drop(alive);
+        }
     })
 }
 
@@ -138,43 +144,37 @@ struct Connection {
     last_heard: Instant,
 }
 
-async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
+async fn run(
+    state: AppState,
+    sink: SplitSink<WebSocket, WsMessage>,
+    stream: SplitStream<WebSocket>,
+    user: UserId,
+    expires: u64,
+) {
     let session_id = Uuid::new_v4().to_string();
-    let span = tracing::info_span!("gateway.connection", user_id = user, session_id = %session_id);
+    let span = tracing::info_span!(
+        target: telemetry::LOGS_ONLY,
+        "gateway.connection",
+        user_id = user,
+        session_id = %session_id
+    );
     async {
-        let (sink, stream) = socket.split();
         let (out, out_rx) = mpsc::channel(state.config.outbound_queue);
         let writer = tokio::spawn(socket::write_loop(sink, out_rx));
 
-        // (a) Subscribe and flush, so every event from here on reaches us ...
-        let sub = match state.nats.subscribe(state.subjects.user(user)).await {
-            Ok(sub) => sub,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot subscribe to the user's events");
-                return finish(writer, out, End::Internal).await;
-            }
+        // Boxed: the connect steps' futures are large (the settle queries alone take ~2.6 KiB)
+        // and, left inline, would size every connection's task for its whole life.
+        let Some(sub) = Box::pin(open(&state, user, &session_id, &out)).await else {
+            return finish(writer, out, End::Internal).await;
         };
-        if let Err(e) = state.nats.flush().await {
-            tracing::warn!(error = %e, "cannot flush the subscription");
-        }
-        let hello = ServerFrame::Hello {
-            user_id: user,
-            session_id: session_id.clone(),
-            server_time: chat_proto::now_ms(),
-        };
-        let _ = out.send(text(hello.to_json())).await;
-        // Let what was sent before this connect be stored, then (b) announce the session.
-        // Done here, not in the backlog task, so that the announcement has been answered
-        // before a quick disconnect's `session_down` can overtake it.
-        state.settle().await;
-        state.session_up(user, &session_id).await;
         // (c) Only then ask for what was waiting.
         let (backlog_tx, backlog_rx) = mpsc::channel(2);
         // The replay is a trace of its own (its store requests are its children), linked in
         // the logs to the connection by user id.
         let replay = tracing::info_span!(parent: None, "gateway.backlog", user_id = user);
-        let backlog =
-            tokio::spawn(fetch_backlog(state.clone(), user, backlog_tx).instrument(replay));
+        let backlog = AbortOnDropHandle::new(tokio::spawn(
+            fetch_backlog(state.clone(), user, backlog_tx).instrument(replay),
+        ));
         let rate =
             std::num::NonZeroU32::new(state.config.send_rate.max(1)).expect("max(1) is non-zero");
         let burst =
@@ -193,19 +193,52 @@ async fn run(state: AppState, socket: WebSocket, user: UserId, expires: u64) {
         conn.seen.set_grow(true);
         let left = Duration::from_secs(expires)
             .saturating_sub(Duration::from_millis(chat_proto::now_ms() as u64));
-        let end = conn.serve(stream, sub, backlog_rx, left).await;
+        let end = conn.serve(stream, sub, (backlog_rx, backlog), left).await;
         tracing::debug!(?end, "connection ends");
 
-        backlog.abort();
         if let Some((_, sender)) = conn.outgoing.take() {
             sender.abort();
         }
-        state.session_down(user, &session_id).await;
+        Box::pin(state.session_down(user, &session_id)).await;
         drop(conn);
         finish(writer, out, end).await;
     }
     .instrument(span)
     .await;
+}
+
+/// Connects the session in DESIGN.md's order up to the backlog: (a) subscribes to the user's
+/// events and flushes, says `hello`, waits for the pipeline to settle, then (b) announces the
+/// session. `None` when the subscription fails.
+async fn open(
+    state: &AppState,
+    user: UserId,
+    session_id: &str,
+    out: &mpsc::Sender<WsMessage>,
+) -> Option<async_nats::Subscriber> {
+    // (a) Subscribe and flush, so every event from here on reaches us ...
+    let sub = match state.nats.subscribe(state.subjects.user(user)).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to the user's events");
+            return None;
+        }
+    };
+    if let Err(e) = state.nats.flush().await {
+        tracing::warn!(error = %e, "cannot flush the subscription");
+    }
+    let hello = ServerFrame::Hello {
+        user_id: user,
+        session_id: session_id.to_owned(),
+        server_time: chat_proto::now_ms(),
+    };
+    let _ = out.send(text(hello.to_json())).await;
+    // Let what was sent before this connect be stored, then (b) announce the session. Done
+    // here, not in the backlog task, so that the announcement has been answered before a
+    // quick disconnect's `session_down` can overtake it.
+    state.settle().await;
+    state.session_up(user, session_id).await;
+    Some(sub)
 }
 
 /// Sends the close frame (when there is one) and lets the writer drain, within a bound.
@@ -259,10 +292,13 @@ async fn fetch_backlog(state: AppState, user: UserId, tx: mpsc::Sender<BacklogEv
     }
 }
 
+/// The backlog task's queue, and the task (aborted if the connection ends first).
+type BacklogFeed = (mpsc::Receiver<BacklogEvent>, AbortOnDropHandle<()>);
+
 /// The backlog task's next event; never, once the backlog is done.
-async fn next_page(backlog: &mut Option<mpsc::Receiver<BacklogEvent>>) -> Option<BacklogEvent> {
+async fn next_page(backlog: &mut Option<BacklogFeed>) -> Option<BacklogEvent> {
     match backlog {
-        Some(rx) => rx.recv().await,
+        Some((rx, _)) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -281,10 +317,11 @@ impl Connection {
         &mut self,
         mut stream: SplitStream<WebSocket>,
         mut sub: async_nats::Subscriber,
-        backlog: mpsc::Receiver<BacklogEvent>,
+        backlog: BacklogFeed,
         token_left: Duration,
     ) -> End {
-        // Dropped once the backlog is done: an idle connection keeps no queue for it.
+        // Dropped once the backlog is done: an idle connection keeps no queue for it, nor
+        // the finished task (a task's memory lives as long as a handle to it).
         let mut backlog = Some(backlog);
         let expiry = tokio::time::sleep(token_left);
         tokio::pin!(expiry);
@@ -308,7 +345,8 @@ impl Connection {
                     None => Err(End::Internal),
                 },
                 event = next_page(&mut backlog) => match event {
-                    Some(BacklogEvent::Page(messages)) => self.replay(messages).await,
+                    // Boxed, as it lives only while a page replays.
+                    Some(BacklogEvent::Page(messages)) => Box::pin(self.replay(messages)).await,
                     Some(BacklogEvent::Done) => {
                         backlog = None;
                         self.backlog_done()
