@@ -199,6 +199,7 @@ async fn run(
         if let Some((_, sender)) = conn.outgoing.take() {
             sender.abort();
         }
+        // Boxed like the connect steps: inline, it would be the largest state of the task.
         Box::pin(state.session_down(user, &session_id)).await;
         drop(conn);
         finish(writer, out, end).await;
