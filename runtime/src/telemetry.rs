@@ -17,7 +17,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -75,7 +75,11 @@ pub fn install(service: &'static str, logs: bool) -> TelemetryGuard {
         .with_tracked_inactivity(false)
         .with_context_activation(false)
         .with_threads(false)
-        .with_filter(LevelFilter::INFO.and(filter_fn(|meta| meta.target() != LOGS_ONLY)));
+        .with_filter(
+            Targets::new()
+                .with_default(LevelFilter::INFO)
+                .with_target(LOGS_ONLY, LevelFilter::OFF),
+        );
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)

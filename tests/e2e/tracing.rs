@@ -124,8 +124,10 @@ async fn one_message_is_one_exported_trace_across_the_three_services() {
     cb.expect_body("traced").await;
     cb.send_json(serde_json::json!({"type": "ack", "msg_ids": [id]}))
         .await;
-    ca.expect(&format!("receipt for {id}"), |v| v["type"] == "receipt")
-        .await;
+    ca.expect(&format!("receipt for {id}"), |v| {
+        v["type"] == "receipt" && v["msg_id"] == id
+    })
+    .await;
 
     let wanted = [
         ("chat-router", "router.route"),
