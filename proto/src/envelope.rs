@@ -1,19 +1,13 @@
 //! Payloads the services exchange over NATS (JSON).
 //!
-//! The in stream carries [`crate::Message`] (status `sent`); the store stream carries
-//! `Message`, [`StoreAck`], [`StoreRead`] and [`StoreSeen`]; user subjects carry
-//! [`crate::frame::ServerFrame`] JSON ready to push. Request/reply operations pair a request
-//! type with a response type and wrap the response in [`Reply`].
+//! The in stream carries [`crate::Message`] (status `sent`); the store stream carries the
+//! same messages (it sources the in stream), [`StoreAck`], [`StoreRead`] and [`StoreSeen`];
+//! user subjects carry [`crate::frame::ServerFrame`] JSON ready to push. Request/reply
+//! operations pair a request type with a response type and wrap the response in [`Reply`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::{ErrorBody, ErrorCode, Message, UserId};
-
-/// NATS header on a message the router hands to the store stream: presence knew the sender's
-/// sessions and the router pushed the copy to the sender's other devices itself (or there
-/// were none), so the store's "stored" notice goes to the recipient only. Without it
-/// (presence unavailable, or missing the sending session) the notice goes to both users.
-pub const SENDER_COPIED: &str = "Chat-Sender-Copied";
 
 /// A device of `user_id` received these messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,7 +51,8 @@ impl StoreOp {
 /// The kinds of work on the store stream, one subject each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreWork {
-    /// Persist a message (`Message`).
+    /// Persist a message (`Message`). Messages come into the store stream from the in stream,
+    /// which it sources, under the in stream's subject.
     Msg,
     /// A device received messages (`StoreAck`).
     Ack,
@@ -61,13 +62,19 @@ pub enum StoreWork {
     Seen,
 }
 
+/// Where routers published messages for the store before the store stream sourced the in
+/// stream (`<ns>.store.msg`). Still read as messages, so that what an older version left in
+/// the store stream is written after an upgrade, not dead-lettered.
+const LEGACY_MSG: &str = "msg";
+
 impl StoreWork {
-    fn as_str(self) -> &'static str {
+    /// The last token of the subject of a mark (`<ns>.store.<token>`); none for a message.
+    fn mark(self) -> Option<&'static str> {
         match self {
-            StoreWork::Msg => "msg",
-            StoreWork::Ack => "ack",
-            StoreWork::Read => "read",
-            StoreWork::Seen => "seen",
+            StoreWork::Msg => None,
+            StoreWork::Ack => Some("ack"),
+            StoreWork::Read => Some("read"),
+            StoreWork::Seen => Some("seen"),
         }
     }
 }
@@ -126,26 +133,31 @@ impl Subjects {
         format!("{}_STORE", self.ns.to_uppercase())
     }
 
-    /// Every subject of the store stream.
+    /// The store stream's own subjects: the marks. Messages come into it from the in stream.
     pub fn store_all(&self) -> String {
         format!("{}.store.>", self.ns)
     }
 
+    /// The subject of a kind of store work; a message's is the in stream's.
     pub fn store(&self, work: StoreWork) -> String {
-        format!("{}.store.{}", self.ns, work.as_str())
+        match work.mark() {
+            None => self.inbound(),
+            Some(mark) => format!("{}.store.{mark}", self.ns),
+        }
     }
 
     /// Which kind of store work a subject carries, if any.
     pub fn store_work_of(&self, subject: &str) -> Option<StoreWork> {
+        if subject == self.inbound() {
+            return Some(StoreWork::Msg);
+        }
         let rest = subject.strip_prefix(&self.ns)?.strip_prefix(".store.")?;
-        [
-            StoreWork::Msg,
-            StoreWork::Ack,
-            StoreWork::Read,
-            StoreWork::Seen,
-        ]
-        .into_iter()
-        .find(|w| w.as_str() == rest)
+        if rest == LEGACY_MSG {
+            return Some(StoreWork::Msg);
+        }
+        [StoreWork::Ack, StoreWork::Read, StoreWork::Seen]
+            .into_iter()
+            .find(|w| w.mark() == Some(rest))
     }
 
     /// Where payloads that can never be processed are moved (core NATS; observe with a
@@ -229,6 +241,10 @@ mod tests {
         assert_eq!(s.inbound(), "t1.in");
         assert_eq!(s.user(42), "t1.user.42");
         assert_eq!(s.store(StoreWork::Ack), "t1.store.ack");
+        assert_eq!(s.store(StoreWork::Msg), "t1.in");
+        assert_eq!(s.store_work_of("t1.in"), Some(StoreWork::Msg));
+        assert_eq!(s.store_work_of("t1.store.msg"), Some(StoreWork::Msg));
+        assert_eq!(s.store_work_of("t1.store.other"), None);
         assert_eq!(s.store_work_of("t1.store.read"), Some(StoreWork::Read));
         assert_eq!(s.store_work_of("t2.store.read"), None);
         for op in StoreOp::ALL {

@@ -55,8 +55,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
 
 /// Creates the in and store streams if missing (file storage, message de-duplication) and
 /// checks that an existing one has the settings the design relies on. The in stream keeps
-/// messages for [`DEDUP_WINDOW`] (see there); the store stream is a work queue. Every service
-/// calls it at start, so the order services start in does not matter.
+/// messages for [`DEDUP_WINDOW`] (see there); the store stream is a work queue that sources
+/// the in stream: NATS itself copies every accepted message into it, under the in stream's
+/// subject, so the store has it until the store acks it, however long that takes. Every
+/// service calls it at start, so the order services start in does not matter.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -72,6 +74,10 @@ pub async fn ensure_streams(
         name: subjects.store_stream(),
         subjects: vec![subjects.store_all()],
         retention: stream::RetentionPolicy::WorkQueue,
+        sources: Some(vec![stream::Source {
+            name: subjects.in_stream(),
+            ..Default::default()
+        }]),
         ..stream_defaults()
     };
     Ok((
@@ -125,7 +131,23 @@ async fn ensure_stream(
             wanted.duplicate_window,
         )));
     }
+    if sources(got) != sources(&wanted) {
+        // Made by a version whose router copied messages into the store stream itself. Adding
+        // the source is a legal update; the copying starts at the in stream's oldest message,
+        // which the store may have written already: it writes each message once however
+        // often it comes.
+        tracing::info!(stream = %name, sources = ?sources(&wanted), "updating the stream's sources");
+        js.update_stream(&wanted)
+            .await
+            .map_err(|e| fail(format!("cannot set its sources: {e}")))?;
+    }
     Ok(stream)
+}
+
+/// The names of the streams `config` sources.
+fn sources(config: &stream::Config) -> Vec<&str> {
+    let names = config.sources.iter().flatten().map(|s| s.name.as_str());
+    names.collect()
 }
 
 /// Creates (or binds to) a durable pull consumer: every replica of a service binds the same

@@ -93,7 +93,8 @@ async fn a_store_killed_mid_traffic_loses_and_doubles_nothing() {
     env.finish().await;
 }
 
-/// Scenario 9: undecodable payloads in either stream are dead-lettered and terminated, and
+/// Scenario 9: undecodable payloads in either stream are dead-lettered (once: by the store,
+/// whose stream also holds the in stream's copy; the router skips them) and terminated, and
 /// traffic goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_and_traffic_goes_on() {

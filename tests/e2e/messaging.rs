@@ -1,6 +1,6 @@
 //! Live delivery, receipts, retries and several devices.
 
-use chat_tests::TestEnv;
+use chat_tests::{Options, TestEnv};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -84,10 +84,10 @@ async fn retried_client_id_returns_the_first_message() {
 }
 
 /// A sender with one device is not sent its own message back: the router saw that device
-/// alone, so the store's "stored" notice goes to the recipient only (one NATS message and one
-/// de-dup per message less). Watched on one wildcard subscription, which keeps the store's
-/// publishes in order: a notice of the first message to the sender would come before the
-/// recipient's notice of the second.
+/// alone, so it pushes no copy, and the store's "stored" notice goes to the recipient only
+/// (one NATS message and one de-dup per message less). Watched on one wildcard
+/// subscription: a copy of the first message to the sender would come before the store's
+/// notice of the second to the recipient.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_senders_only_device_gets_no_stored_notice_of_its_own_messages() {
     let env = TestEnv::start_default().await;
@@ -124,8 +124,8 @@ async fn a_senders_only_device_gets_no_stored_notice_of_its_own_messages() {
 }
 
 /// When presence has lost the sender's sessions (as after Redis restarted empty, until the
-/// next heartbeat), the router cannot know about the sender's other devices: the store's
-/// notice still brings them the copy.
+/// next heartbeat), the router cannot know about the sender's other devices, so it sends the
+/// copy anyway and NATS interest decides who gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_senders_other_device_gets_its_copy_when_presence_lost_the_sessions() {
     let env = TestEnv::start_default().await;
@@ -176,5 +176,34 @@ async fn every_device_gets_the_message_and_the_senders_other_device_a_copy() {
     for c in [&mut a1, &mut a2, &mut b1] {
         assert_eq!(c.expect_body("got it").await["msg_id"], reply);
     }
+    env.finish().await;
+}
+
+/// The store takes messages from the in stream itself (its stream sources it), so with no
+/// router running at all a message is still stored and reaches its online recipient by the
+/// store's notice, and the recipient's `ack` still comes back to the sender as a receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_router_messages_are_stored_and_delivered_by_the_store() {
+    let env = TestEnv::start(Options {
+        routers: 0,
+        ..Default::default()
+    })
+    .await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect(&a).await;
+    let mut cb = env.connect(&b).await;
+    ca.backlog().await;
+    cb.backlog().await;
+    let id = ca.send_and_confirm(b.id, "nr-1", "no router here").await;
+    assert_eq!(cb.expect_body("no router here").await["msg_id"], id);
+    cb.send_json(json!({"type": "ack", "msg_ids": [id]})).await;
+    let r = ca.expect_type("receipt").await;
+    assert_eq!(r["msg_id"], id);
+    assert_eq!(r["status"], "delivered");
+    let (status, page) = env
+        .get(&b, &format!("/api/v1/conversations/{}/messages", a.id))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"][0]["msg_id"], id);
     env.finish().await;
 }

@@ -1,11 +1,15 @@
 //! Waiting, at connect, for the pipeline to settle.
 //!
-//! A message is `sent` once the in stream holds it, but it joins the backlog only once the
-//! router has handed it to the store and the store has committed it. PROTOCOL.md promises
-//! that what was sent while the user was offline arrives before `backlog_done`, so before
-//! querying the backlog a connection waits until the router's consumer of the in stream, then
-//! the store's consumer of the store stream, has acked everything its stream held when it
-//! asked (the consumer's ack floor reaches the stream's last sequence seen).
+//! A message is `sent` once the in stream holds it, but it joins the backlog only once NATS
+//! has copied it into the store stream (which sources the in stream) and the store has
+//! committed it. PROTOCOL.md promises that what was sent while the user was offline arrives
+//! before `backlog_done`, so before querying the backlog a connection waits until the
+//! router's consumer of the in stream has acked everything the stream held when it asked,
+//! then until the store stream has caught up with its source and the store's consumer has
+//! acked everything the store stream held by then (a consumer's ack floor reaches its
+//! stream's last sequence seen). The store stream reports how far behind its source it is as
+//! of its last copy, so the router goes first: once the router has acked the in stream's last
+//! message, that message is no longer new, and "nothing behind" includes it.
 //! The wait is bounded: past it (a store down, a message being retried) the connection goes
 //! on, and whatever is still in flight arrives live after `backlog_done`, never lost.
 
@@ -32,21 +36,28 @@ impl AppState {
     }
 }
 
-/// Whether `consumer` acked everything `stream` held on entry before `deadline`.
+/// Whether `consumer` acked, before `deadline`, everything `stream` held on entry, or, for a
+/// stream that sources others, once it had copied all they held.
 async fn drained(stream: &Stream, consumer: &str, deadline: Instant) -> bool {
-    let Ok(info) = stream.get_info().await else {
-        return false;
-    };
-    let target = info.state.last_sequence;
     let mut pause = Duration::from_millis(1);
+    let mut target = None;
     loop {
-        match stream.consumer_info(consumer).await {
-            Ok(c) if c.ack_floor.stream_sequence >= target => return true,
-            // No consumer yet (its service has not started): nothing will drain meanwhile.
-            Ok(_) | Err(_) => {}
+        match target {
+            None => match stream.get_info().await {
+                Ok(info) if info.sources.iter().all(|s| s.lag == 0) => {
+                    target = Some(info.state.last_sequence);
+                    continue;
+                }
+                Ok(_) | Err(_) => {}
+            },
+            Some(target) => match stream.consumer_info(consumer).await {
+                Ok(c) if c.ack_floor.stream_sequence >= target => return true,
+                // No consumer yet (its service has not started): nothing will drain meanwhile.
+                Ok(_) | Err(_) => {}
+            },
         }
         if Instant::now() + pause > deadline {
-            tracing::info!(stream = %info.config.name, "pipeline busy; replaying the backlog without waiting");
+            tracing::info!(%consumer, "pipeline busy; replaying the backlog without waiting");
             return false;
         }
         tokio::time::sleep(pause).await;

@@ -1,7 +1,8 @@
 //! The router: presence in Redis and, per message, the live-or-offline decision.
 //!
-//! It consumes the in stream (messages gateways accepted), hands each to the store stream and
-//! pushes live ones straight to the recipient's devices (see [`routing`]); it records sessions
+//! It consumes the in stream (messages gateways accepted) and pushes live ones straight to the
+//! recipient's devices (see [`routing`]); the store gets every message from NATS itself, as
+//! its stream sources the in stream. It records sessions
 //! that gateways announce and heartbeat, sweeps expired ones, and tells users' peers when they
 //! come online or go offline (see [`sessions`]). It never touches MySQL or sockets.
 
@@ -18,7 +19,6 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chat_proto::Subjects;
 use chat_runtime::{nats, ops};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,9 +29,6 @@ use presence::Presence;
 
 /// In-stream messages routed per batch at most.
 const BATCH: usize = 256;
-/// Batches routed whose PubAcks are still awaited, at most: the next batch is routed
-/// meanwhile (see [`routing::route_batch`]).
-const BATCHES_SETTLING: usize = 4;
 /// Presence messages handled at once per subscription.
 const CONCURRENCY: usize = 64;
 
@@ -161,23 +158,13 @@ impl App {
             cancel.clone(),
         ));
         let s = self.state.clone();
-        let settling = Arc::new(Semaphore::new(BATCHES_SETTLING));
-        let acks = tasks.clone();
         tasks.spawn(nats::consume(
             self.consumer,
             BATCH,
             cancel.clone(),
             move |batch| {
-                let (s, settling, acks) = (s.clone(), settling.clone(), acks.clone());
-                async move {
-                    let permit = settling.acquire_owned().await.expect("never closed");
-                    let settle = routing::route_batch(&s, batch).await;
-                    // Tracked with the other tasks: shutdown waits for these acks too.
-                    acks.spawn(async move {
-                        settle.await;
-                        drop(permit);
-                    });
-                }
+                let s = s.clone();
+                async move { routing::route_batch(&s, batch).await }
             },
         ));
         tracing::info!("chat-router serving");

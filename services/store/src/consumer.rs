@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use chat_proto::envelope::{SENDER_COPIED, StoreAck, StoreRead, StoreSeen};
+use chat_proto::envelope::{StoreAck, StoreRead, StoreSeen};
 use chat_proto::frame::{ServerFrame, valid_msg_id};
 use chat_proto::{Message, Status, StoreWork};
 use chat_runtime::{nats, ops, telemetry};
@@ -141,19 +141,12 @@ async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>)
         async {
             if stored {
                 metrics::counter!("chat_store_messages_stored_total").increment(1);
-                // The "stored" notice: the sure path to every device of the recipient, and of
-                // the sender unless the router already copied it to the sender's other
-                // devices (it could not when presence was unavailable).
+                // The "stored" notice: the sure path to every device of the recipient. The
+                // sender's other devices have the router's copy (or, when no router ran, the
+                // message in their history).
                 m.status = Status::Sent;
-                let frame = ServerFrame::Message(m.clone());
-                nats::publish_json(&state.nats, state.subjects.user(m.to), &frame).await;
-                let copied = msg
-                    .headers
-                    .as_ref()
-                    .is_some_and(|h| h.get(SENDER_COPIED).is_some());
-                if !copied {
-                    nats::publish_json(&state.nats, state.subjects.user(m.from), &frame).await;
-                }
+                let subject = state.subjects.user(m.to);
+                nats::publish_json(&state.nats, subject, &ServerFrame::Message(m)).await;
             } else {
                 tracing::warn!("a retry of an already stored client_id came after the de-dup window; not written again");
             }
