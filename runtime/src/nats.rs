@@ -103,10 +103,17 @@ async fn ensure_stream(
         name: name.clone(),
         message,
     };
-    let mut stream = js
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let mut stream = match js.get_or_create_stream(wanted.clone()).await {
+        Ok(stream) => stream,
+        // Another service made it between this one's look and its create (services start
+        // together). NATS 2.9 answers the create of a stream with sources that exists already
+        // "in use with a different configuration" even when the request is the same, so the
+        // stream is taken as it is and checked below like any other.
+        Err(created) => js
+            .get_stream(&name)
+            .await
+            .map_err(|_| fail(created.to_string()))?,
+    };
     let info = stream.info().await.map_err(|e| fail(e.to_string()))?;
     let got = &info.config;
     if got.subjects != wanted.subjects

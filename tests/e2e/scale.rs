@@ -86,3 +86,39 @@ async fn two_of_each_service_deliver_everything_once_in_order() {
     assert_eq!(got, want);
     env.finish().await;
 }
+
+/// Replicas of every service start at the same moment on a new namespace (compose does): each
+/// makes or takes the same two streams, the store stream sourcing the in stream. NATS 2.9
+/// refuses a second create of a stream with sources even when it asks for the same, which
+/// once stopped every service but the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_starting_together_make_the_streams_once() {
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let subjects = chat_proto::Subjects::new(&ns).unwrap();
+    let starts = (0..6).map(|_| {
+        let subjects = subjects.clone();
+        tokio::spawn(async move {
+            let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
+            let js = async_nats::jetstream::new(nats);
+            chat_runtime::nats::ensure_streams(&js, &subjects)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    });
+    let results = futures::future::join_all(starts).await;
+    let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let sources = match js.get_stream(subjects.store_stream()).await {
+        Ok(mut store) => store.info().await.unwrap().config.sources.clone(),
+        Err(_) => None,
+    };
+    for stream in [subjects.in_stream(), subjects.store_stream()] {
+        let _ = js.delete_stream(&stream).await;
+    }
+    for result in results {
+        assert_eq!(result.unwrap(), Ok(()));
+    }
+    let names: Vec<String> = sources.into_iter().flatten().map(|s| s.name).collect();
+    assert_eq!(names, [subjects.in_stream()]);
+}
