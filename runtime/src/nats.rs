@@ -70,7 +70,14 @@ pub async fn ensure_streams(
         max_age: DEDUP_WINDOW,
         ..stream_defaults()
     };
-    let store = stream::Config {
+    Ok((
+        ensure_stream(js, inbound).await?,
+        ensure_stream(js, store_config(subjects)).await?,
+    ))
+}
+
+fn store_config(subjects: &Subjects) -> stream::Config {
+    stream::Config {
         name: subjects.store_stream(),
         subjects: vec![subjects.store_all()],
         retention: stream::RetentionPolicy::WorkQueue,
@@ -79,11 +86,41 @@ pub async fn ensure_streams(
             ..Default::default()
         }]),
         ..stream_defaults()
+    }
+}
+
+/// Gives a store stream made by an older version, whose routers copied messages into it
+/// themselves, the in stream as its source. Only the store calls it, at start: an older store
+/// would dead-letter the copies (it does not know their subject), so an upgrade stops every
+/// older store before a new one starts (docs/operations.md). The copying starts at the in
+/// stream's oldest message, which the store may have written already; it writes each message
+/// once however often it comes.
+pub async fn ensure_store_source(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    store: &mut stream::Stream,
+) -> Result<(), Error> {
+    let name = subjects.store_stream();
+    let fail = |message: String| Error::Stream {
+        name: name.clone(),
+        message,
     };
-    Ok((
-        ensure_stream(js, inbound).await?,
-        ensure_stream(js, store).await?,
-    ))
+    let info = store.info().await.map_err(|e| fail(e.to_string()))?;
+    let sources: Vec<&str> = info
+        .config
+        .sources
+        .iter()
+        .flatten()
+        .map(|s| s.name.as_str())
+        .collect();
+    if sources == [subjects.in_stream().as_str()] {
+        return Ok(());
+    }
+    tracing::warn!(stream = %name, ?sources, "the store stream does not source the in stream (an older version made it); adding the source");
+    js.update_stream(store_config(subjects))
+        .await
+        .map_err(|e| fail(format!("cannot make it source the in stream: {e}")))?;
+    Ok(())
 }
 
 fn stream_defaults() -> stream::Config {
@@ -138,23 +175,7 @@ async fn ensure_stream(
             wanted.duplicate_window,
         )));
     }
-    if sources(got) != sources(&wanted) {
-        // Made by a version whose router copied messages into the store stream itself. Adding
-        // the source is a legal update; the copying starts at the in stream's oldest message,
-        // which the store may have written already: it writes each message once however
-        // often it comes.
-        tracing::info!(stream = %name, sources = ?sources(&wanted), "updating the stream's sources");
-        js.update_stream(&wanted)
-            .await
-            .map_err(|e| fail(format!("cannot set its sources: {e}")))?;
-    }
     Ok(stream)
-}
-
-/// The names of the streams `config` sources.
-fn sources(config: &stream::Config) -> Vec<&str> {
-    let names = config.sources.iter().flatten().map(|s| s.name.as_str());
-    names.collect()
 }
 
 /// Creates (or binds to) a durable pull consumer: every replica of a service binds the same

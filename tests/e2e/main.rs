@@ -15,3 +15,4 @@ mod ops;
 mod presence;
 mod scale;
 mod tracing;
+mod upgrade;

@@ -1,7 +1,7 @@
 //! The store: the one owner of MySQL (through SeaORM).
 //!
-//! It consumes the store stream (`<ns>.store.>`: messages to persist, delivery and read marks,
-//! last seen), writes each batch in one transaction, acks only after the commit, and then
+//! It consumes the store stream (the in stream's messages, which NATS copies into it, and
+//! `<ns>.store.>`: delivery and read marks, last seen), writes each batch in one transaction, acks only after the commit, and then
 //! publishes the "stored" notice that is every message's sure path to its recipient. It also
 //! answers request/reply operations: accounts, search, conversations, history and the backlog
 //! a gateway replays when a user connects.
@@ -64,7 +64,8 @@ impl App {
         let db = db::connect(&config.database_url).await?;
         db::migrate(&db).await?;
         let js = jetstream::new(client.clone());
-        let (_, store_stream) = nats::ensure_streams(&js, &subjects).await?;
+        let (_, mut store_stream) = nats::ensure_streams(&js, &subjects).await?;
+        nats::ensure_store_source(&js, &subjects, &mut store_stream).await?;
         let consumer =
             nats::durable_consumer(&store_stream, subjects.store_consumer(), config.ack_wait)
                 .await?;
