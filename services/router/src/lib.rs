@@ -2,9 +2,9 @@
 //!
 //! It consumes the in stream (messages gateways accepted) and pushes live ones straight to the
 //! recipient's devices (see [`routing`]); the store gets every message from NATS itself, as
-//! its stream sources the in stream. It records sessions
-//! that gateways announce and heartbeat, sweeps expired ones, and tells users' peers when they
-//! come online or go offline (see [`sessions`]). It never touches MySQL or sockets.
+//! its stream sources the in stream. It records sessions that gateways announce and
+//! heartbeat, sweeps expired ones, and tells users' peers when they come online or go offline
+//! (see [`sessions`]). It never touches MySQL or sockets.
 
 mod config;
 mod error;
