@@ -177,7 +177,10 @@ pub struct Step {
 }
 
 impl Fleet {
-    /// Connects `accounts.len() / 2` pairs (sender `2i`, receiver `2i + 1`).
+    /// Connects `accounts.len() / 2` pairs (sender `2i`, receiver `2i + 1`), each session past
+    /// its start (`backlog_done`) before any load: until then the server may not have
+    /// announced the session (the stack announces it after the pipeline settles, up to 2 s),
+    /// so a message to it takes the store's path, and its latency would be the connect's.
     pub async fn connect(api: &Api, accounts: &[Account], body_size: usize) -> Result<Fleet> {
         let url = api.ws_url();
         let bar = report::bar(accounts.len() as u64, "sessions");
@@ -186,10 +189,14 @@ impl Fleet {
                 let bar = bar.clone();
                 let source = source(i, &url);
                 async move {
-                    let session = api
+                    let mut session = api
                         .connect(account, source)
                         .await
                         .with_context(|| format!("connecting {}", account.username))?;
+                    session
+                        .until_backlog_done()
+                        .await
+                        .with_context(|| format!("starting {}'s session", account.username))?;
                     bar.inc(1);
                     anyhow::Ok(session)
                 }
