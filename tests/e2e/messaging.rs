@@ -1,7 +1,7 @@
 //! Live delivery, receipts, retries and several devices.
 
 use chat_tests::{Options, TestEnv};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 /// PROTOCOL guarantee: `sent` means accepted; the recipient gets `message`; its `ack` gives
@@ -85,9 +85,9 @@ async fn retried_client_id_returns_the_first_message() {
 
 /// A sender with one device is not sent its own message back: the router saw that device
 /// alone, so it pushes no copy, and the store's "stored" notice goes to the recipient only
-/// (one NATS message and one de-dup per message less). Watched on one wildcard
-/// subscription: a copy of the first message to the sender would come before the store's
-/// notice of the second to the recipient.
+/// (one NATS message and one de-dup per message less). Watched on one wildcard subscription
+/// until the store's notice of the second message and the router has acked both (it pushes
+/// before it acks, on one connection), then a flush: any copy has arrived by then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_senders_only_device_gets_no_stored_notice_of_its_own_messages() {
     let env = TestEnv::start_default().await;
@@ -117,6 +117,23 @@ async fn a_senders_only_device_gets_no_stored_notice_of_its_own_messages() {
         }
         if event.subject.as_str() == bob && frame["msg_id"] == second.as_str() {
             break;
+        }
+    }
+    let js = async_nats::jetstream::new(nats.clone());
+    chat_tests::eventually("the router acked both messages", || async {
+        let stream = js.get_stream(env.subjects.in_stream()).await.ok()?;
+        let router = stream
+            .consumer_info(env.subjects.router_consumer())
+            .await
+            .ok()?;
+        (router.ack_floor.stream_sequence >= 2).then_some(())
+    })
+    .await;
+    nats.flush().await.unwrap();
+    while let Some(Some(event)) = events.next().now_or_never() {
+        let frame: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        if frame["type"] == "message" && event.subject.as_str() == alice {
+            own += 1;
         }
     }
     assert_eq!(own, 0, "alice's only device was sent her own messages");
