@@ -62,6 +62,9 @@ pub enum StoreWork {
     Seen,
 }
 
+/// The last token of the in stream's subject (`<ns>.in`).
+const IN: &str = "in";
+
 /// Where routers published messages for the store before the store stream sourced the in
 /// stream (`<ns>.store.msg`). Still read as messages, so that what an older version left in
 /// the store stream is written after an upgrade, not dead-lettered.
@@ -125,7 +128,7 @@ impl Subjects {
 
     /// The subject gateways publish accepted messages to.
     pub fn inbound(&self) -> String {
-        format!("{}.in", self.ns)
+        format!("{}.{IN}", self.ns)
     }
 
     /// JetStream stream of work for the store.
@@ -147,11 +150,13 @@ impl Subjects {
     }
 
     /// Which kind of store work a subject carries, if any.
+    /// Called for every message the store takes, so it builds no names.
     pub fn store_work_of(&self, subject: &str) -> Option<StoreWork> {
-        if subject == self.inbound() {
+        let rest = subject.strip_prefix(&self.ns)?.strip_prefix('.')?;
+        if rest == IN {
             return Some(StoreWork::Msg);
         }
-        let rest = subject.strip_prefix(&self.ns)?.strip_prefix(".store.")?;
+        let rest = rest.strip_prefix("store.")?;
         if rest == LEGACY_MSG {
             return Some(StoreWork::Msg);
         }
@@ -245,6 +250,8 @@ mod tests {
         assert_eq!(s.store_work_of("t1.in"), Some(StoreWork::Msg));
         assert_eq!(s.store_work_of("t1.store.msg"), Some(StoreWork::Msg));
         assert_eq!(s.store_work_of("t1.store.other"), None);
+        assert_eq!(s.store_work_of("t1.inx"), None);
+        assert_eq!(s.store_work_of("t10.in"), None);
         assert_eq!(s.store_work_of("t1.store.read"), Some(StoreWork::Read));
         assert_eq!(s.store_work_of("t2.store.read"), None);
         for op in StoreOp::ALL {

@@ -93,8 +93,7 @@ async fn two_of_each_service_deliver_everything_once_in_order() {
 /// once stopped every service but the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_starting_together_make_the_streams_once() {
-    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let subjects = chat_proto::Subjects::new(&ns).unwrap();
+    let subjects = chat_tests::fresh_subjects();
     let starts = (0..6).map(|_| {
         let subjects = subjects.clone();
         tokio::spawn(async move {
@@ -113,9 +112,7 @@ async fn services_starting_together_make_the_streams_once() {
         Ok(mut store) => store.info().await.unwrap().config.sources.clone(),
         Err(_) => None,
     };
-    for stream in [subjects.in_stream(), subjects.store_stream()] {
-        let _ = js.delete_stream(&stream).await;
-    }
+    chat_tests::delete_streams(&js, &subjects).await;
     for result in results {
         assert_eq!(result.unwrap(), Ok(()));
     }

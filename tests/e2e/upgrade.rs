@@ -1,15 +1,13 @@
 //! Upgrading a deployment whose streams an older version made.
 
 use async_nats::jetstream::stream;
-use chat_proto::Subjects;
 
 /// A store stream made before it sourced the in stream (the routers copied messages into it)
 /// gets the in stream as its source when a store starts, and then holds what the in stream
 /// already held: a message accepted before the upgrade is not left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_stream_without_its_source_gets_it_and_copies_what_was_accepted() {
-    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let subjects = Subjects::new(&ns).unwrap();
+    let subjects = chat_tests::fresh_subjects();
     let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
     let js = async_nats::jetstream::new(nats);
     let file = |name: String, subjects: Vec<String>, retention| stream::Config {
@@ -60,9 +58,7 @@ async fn a_store_stream_without_its_source_gets_it_and_copies_what_was_accepted(
         anyhow::Ok(copied)
     }
     .await;
-    for stream in [subjects.in_stream(), subjects.store_stream()] {
-        let _ = js.delete_stream(&stream).await;
-    }
+    chat_tests::delete_streams(&js, &subjects).await;
     let names: Vec<String> = result
         .unwrap()
         .into_iter()

@@ -170,6 +170,19 @@ fn random_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
+/// A namespace no other test uses, for a test that makes its streams without a deployment
+/// (and deletes them with [`delete_streams`]).
+pub fn fresh_subjects() -> Subjects {
+    Subjects::new(&format!("t{}", random_suffix())).expect("a valid namespace")
+}
+
+/// Deletes the namespace's two streams, whichever exist.
+pub async fn delete_streams(js: &async_nats::jetstream::Context, subjects: &Subjects) {
+    for stream in [subjects.in_stream(), subjects.store_stream()] {
+        let _ = js.delete_stream(&stream).await;
+    }
+}
+
 impl TestEnv {
     /// One gateway, one router, one store.
     pub async fn start_default() -> TestEnv {
@@ -528,10 +541,7 @@ pub struct Backends {
 pub async fn cleanup(urls: &Backends, subjects: &Subjects, database: &str) -> Result<()> {
     let streams = async {
         let nats = async_nats::connect(urls.nats.as_str()).await?;
-        let js = async_nats::jetstream::new(nats);
-        for stream in [subjects.in_stream(), subjects.store_stream()] {
-            let _ = js.delete_stream(&stream).await;
-        }
+        delete_streams(&async_nats::jetstream::new(nats), subjects).await;
         anyhow::Ok(())
     };
     let keys = async {
