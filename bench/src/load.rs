@@ -38,6 +38,11 @@ const ACK_EVERY: Duration = Duration::from_millis(100);
 /// before the next step (so one step's leftover work does not land in the next; a server
 /// that sends no receipts, like the bare relay, costs this once per step).
 const SETTLE_QUIET: Duration = Duration::from_secs(2);
+/// A delivery this late or later is counted in the step's `slow` detail, by the second of
+/// the step it was sent in: a stall shows where it happened, not only in the percentiles.
+const SLOW: Duration = Duration::from_millis(50);
+/// Seconds listed in `slow`, the slowest first.
+const SLOW_LISTED: usize = 10;
 
 /// The instant body timestamps count from (the same in senders and receivers: one process).
 fn epoch() -> Instant {
@@ -114,6 +119,8 @@ struct PairStats {
     duplicates: u64,
     repeated: u64,
     hist: Histogram<u64>,
+    /// Second of sending (since [`epoch`]) → (slow deliveries, the slowest in µs).
+    slow: BTreeMap<u64, (u64, u64)>,
     last_delivery: Option<Instant>,
     ended: Option<String>,
 }
@@ -132,6 +139,7 @@ impl PairStats {
             duplicates: 0,
             repeated: 0,
             hist: report::histogram(),
+            slow: BTreeMap::new(),
             last_delivery: None,
             ended: None,
         }
@@ -331,10 +339,16 @@ impl Fleet {
         let (mut accepted, mut rejected, mut repeated) = (0, 0, 0);
         let mut last_delivery = start;
         let mut first_error = None;
+        let mut slow = BTreeMap::<u64, (u64, u64)>::new();
         for pair in &self.pairs {
             let s = pair.stats.lock().expect("stats lock");
             hist.add(&s.hist)
                 .expect("histograms with the same bounds add");
+            for (second, (count, slowest)) in &s.slow {
+                let (c, m) = slow.entry(*second).or_default();
+                *c += count;
+                *m = (*m).max(*slowest);
+            }
             report.sent += s.written;
             report.delivered += s.seen.len() as u64;
             report.lost += s
@@ -366,6 +380,7 @@ impl Fleet {
         report.detail("body_bytes", self.body_size);
         report.detail("accepted", accepted);
         report.detail("repeated_frames", repeated);
+        report.detail("slow", slow_seconds(&slow, start));
         if rejected > 0 {
             report.problems.push(format!(
                 "{rejected} sends refused ({})",
@@ -383,6 +398,25 @@ impl Fleet {
         }
         Step { report, latency }
     }
+}
+
+/// The seconds of a step in which deliveries took [`SLOW`] or more, the slowest first: when
+/// (seconds since the step's start, by send time), how many, and the slowest in ms.
+fn slow_seconds(slow: &BTreeMap<u64, (u64, u64)>, start: Instant) -> Vec<serde_json::Value> {
+    let start_s = start.saturating_duration_since(epoch()).as_secs_f64();
+    let mut seconds: Vec<_> = slow.iter().collect();
+    seconds.sort_by_key(|(_, (_, slowest))| std::cmp::Reverse(*slowest));
+    seconds
+        .into_iter()
+        .take(SLOW_LISTED)
+        .map(|(second, (count, slowest))| {
+            serde_json::json!({
+                "at_s": (*second as f64 - start_s).max(0.0).floor(),
+                "messages": count,
+                "max_ms": procs::round3(*slowest as f64 / 1000.0),
+            })
+        })
+        .collect()
 }
 
 impl Drop for Fleet {
@@ -557,7 +591,14 @@ fn record(run: &str, body: &str, msg_id: String, stats: &Mutex<PairStats>) {
         Some(first) if *first == msg_id => s.repeated += 1,
         Some(_) => s.duplicates += 1,
         None => {
-            s.hist.saturating_record(micros_since(stamp.at));
+            let micros = micros_since(stamp.at);
+            s.hist.saturating_record(micros);
+            if micros >= SLOW.as_micros() as u64 {
+                let second = stamp.at.saturating_duration_since(epoch()).as_secs();
+                let (count, slowest) = s.slow.entry(second).or_default();
+                *count += 1;
+                *slowest = (*slowest).max(micros);
+            }
             s.seen.insert(stamp.seq, msg_id);
             s.last_delivery = Some(Instant::now());
         }

@@ -202,18 +202,25 @@ pub async fn durable_consumer(
 }
 
 /// How long one pull request stays open at the server. Each is renewed when it ends, so a
-/// request lost to a NATS restart is replaced within this (plus a margin).
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// request lost to a NATS restart is replaced within this (plus a margin), and a stopping
+/// service drains for at most this long.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Messages one pull request asks for; they are handed on in chunks as they arrive.
 const PULL_MAX: usize = 2000;
 
 /// Feeds `handle` with batches of whatever messages are ready (up to `batch`) until `cancel`
-/// fires, then returns after the batch in hand is handled. The handler acks, naks or
-/// terminates each message itself.
+/// fires. The handler acks, naks or terminates each message itself.
 ///
 /// Pull requests are short-lived and renewed (rather than one endless `messages()` stream),
 /// and a request that neither delivers nor ends in time is given up: after NATS restarts,
 /// the consumer is pulling again within seconds. This loop only ends on cancellation.
+///
+/// Cancellation drains: no new pull is made, and what the current one brings until it ends
+/// (at most `PULL_EXPIRES` later) is handled. JetStream counts every message a pull brought
+/// as delivered to this replica, so one dropped unhandled would reach another replica only
+/// after the ack wait. Naking those instead falls short on NATS 2.9.10: the pull outlives
+/// its subscriber at the server until it expires, and in tests the first message naked went
+/// to it and waited out the ack wait all the same.
 pub async fn consume<F, Fut>(
     consumer: consumer::PullConsumer,
     batch: usize,
@@ -244,10 +251,9 @@ pub async fn consume<F, Fut>(
             }
         };
         loop {
-            let next = tokio::select! {
-                () = cancel.cancelled() => return,
-                next = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), chunks.next()) => next,
-            };
+            // Not interrupted by `cancel`: a pull ends by itself within `PULL_EXPIRES`.
+            let next =
+                tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), chunks.next()).await;
             let items = match next {
                 Ok(Some(items)) => items,
                 // The request ended (expired or full): pull again.

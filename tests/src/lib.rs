@@ -475,9 +475,14 @@ impl TestEnv {
         for (_, s) in &mut self.gateways {
             s.stop().await;
         }
-        for s in self.routers.iter_mut().chain(&mut self.stores) {
-            s.stop().await;
-        }
+        // Each drains its last pull (up to a second): all at once.
+        futures::future::join_all(
+            self.routers
+                .iter_mut()
+                .chain(&mut self.stores)
+                .map(Service::stop),
+        )
+        .await;
         if let Err(e) = cleanup(&self.urls(), &self.subjects, &self.database).await {
             panic!("cleanup failed: {e:#}");
         }
