@@ -109,9 +109,12 @@ struct PairStats {
     step: u32,
     written: u64,
     accepted: HashSet<u64>,
-    /// msg_ids answered `sent`, until their `delivered` receipt comes.
-    awaiting_receipt: HashSet<String>,
+    /// msg_ids answered `sent`, with when, until their `delivered` receipt comes.
+    awaiting_receipt: HashMap<String, Instant>,
     receipts: u64,
+    /// `sent` → `delivered` receipt, in µs: how far the stored side (the receiver's ack
+    /// made durable and marked) trails acceptance.
+    receipt_hist: Histogram<u64>,
     rejected: u64,
     first_error: Option<String>,
     /// seq → msg_id of what the receiver got.
@@ -131,8 +134,9 @@ impl PairStats {
             step: 0,
             written: 0,
             accepted: HashSet::new(),
-            awaiting_receipt: HashSet::new(),
+            awaiting_receipt: HashMap::new(),
             receipts: 0,
+            receipt_hist: report::histogram(),
             rejected: 0,
             first_error: None,
             seen: HashMap::new(),
@@ -181,6 +185,15 @@ struct Totals {
 /// What one step of load found.
 pub struct Step {
     pub report: report::Report,
+    pub latency: Latency,
+    /// `sent` → `delivered` receipt, when the server sends receipts.
+    pub receipts: Option<Receipts>,
+}
+
+/// How the receipts of a step came.
+pub struct Receipts {
+    /// Messages accepted (`sent`) whose `delivered` receipt never came.
+    pub missing: u64,
     pub latency: Latency,
 }
 
@@ -302,6 +315,9 @@ impl Fleet {
         }
         let mut step = self.summarise(rate, duration, start, watch.finish());
         step.report.detail("receipts", now.receipts);
+        if let Some(receipts) = &step.receipts {
+            step.report.detail("receipt_ms", receipts.latency);
+        }
         step.report
             .detail("settle_s", procs::round3(settling.elapsed().as_secs_f64()));
         step
@@ -335,6 +351,7 @@ impl Fleet {
         processes: BTreeMap<String, Usage>,
     ) -> Step {
         let mut hist = report::histogram();
+        let mut receipt_hist = report::histogram();
         let mut report = report::Report::new("throughput", &self.target);
         let (mut accepted, mut rejected, mut repeated) = (0, 0, 0);
         let mut last_delivery = start;
@@ -343,6 +360,9 @@ impl Fleet {
         for pair in &self.pairs {
             let s = pair.stats.lock().expect("stats lock");
             hist.add(&s.hist)
+                .expect("histograms with the same bounds add");
+            receipt_hist
+                .add(&s.receipt_hist)
                 .expect("histograms with the same bounds add");
             for (second, (count, slowest)) in &s.slow {
                 let (c, m) = slow.entry(*second).or_default();
@@ -396,7 +416,16 @@ impl Fleet {
         if let Some(ended) = self.ended() {
             report.problems.push(ended);
         }
-        Step { report, latency }
+        // A server that sends no receipts at all (the bare relay) is not judged on them.
+        let receipts = (!receipt_hist.is_empty()).then(|| Receipts {
+            missing: accepted.saturating_sub(receipt_hist.len()),
+            latency: Latency::of(&receipt_hist),
+        });
+        Step {
+            report,
+            latency,
+            receipts,
+        }
     }
 }
 
@@ -509,13 +538,14 @@ async fn answers(run: String, mut reader: Reader, stats: Arc<Mutex<PairStats>>) 
             Event::Sent { client_id, msg_id } => {
                 if let Some(seq) = seq_of(&run, s.step, &client_id) {
                     s.accepted.insert(seq);
-                    s.awaiting_receipt.insert(msg_id);
+                    s.awaiting_receipt.insert(msg_id, Instant::now());
                 }
             }
-            Event::Receipt { msg_id, status }
-                if status == "delivered" && s.awaiting_receipt.remove(&msg_id) =>
-            {
-                s.receipts += 1;
+            Event::Receipt { msg_id, status } if status == "delivered" => {
+                if let Some(at) = s.awaiting_receipt.remove(&msg_id) {
+                    s.receipts += 1;
+                    s.receipt_hist.saturating_record(micros_since(at));
+                }
             }
             Event::Error {
                 code,

@@ -68,9 +68,13 @@ pub struct Search {
     /// A step passes when its p99 is at most this many milliseconds ...
     #[arg(long, default_value_t = 50.0)]
     pub p99_ms: f64,
-    /// ... and it delivered at least this share of the offered rate, everything, once.
+    /// ... and it delivered at least this share of the offered rate, everything, once ...
     #[arg(long, default_value_t = 0.95)]
     pub keep_up: f64,
+    /// ... and the stored side kept pace: every `delivered` receipt came, at p99 at most this
+    /// many milliseconds after `sent` (a server that sends no receipts is not judged on them).
+    #[arg(long, default_value_t = 1000.0)]
+    pub receipt_p99_ms: f64,
     /// Stop bisecting when the bracket is narrower than this share of the rate.
     #[arg(long, default_value_t = 0.05)]
     pub precision: f64,
@@ -95,6 +99,10 @@ fn passes(step: &Step, search: &Search) -> bool {
     step.report.failures().is_empty()
         && step.latency.p99 <= search.p99_ms
         && step.report.throughput_msgs_s >= offered * search.keep_up
+        && step
+            .receipts
+            .as_ref()
+            .is_none_or(|r| r.missing == 0 && r.latency.p99 <= search.receipt_p99_ms)
 }
 
 /// Adds a step's counts (and problems) to the totals of a multi-step report.
@@ -159,8 +167,14 @@ async fn find_max(
         let ok = passes(&step, search);
         absorb(&mut total, &step);
         steps.push(step_json(&step, ok));
+        let receipts = step.receipts.as_ref().map_or(String::new(), |r| {
+            format!(
+                ", receipts p99 {} ms ({} missing)",
+                r.latency.p99, r.missing
+            )
+        });
         eprintln!(
-            "{rate:>8.0} msgs/s offered: {:>8.0} delivered/s, p99 {} ms{}",
+            "{rate:>8.0} msgs/s offered: {:>8.0} delivered/s, p99 {} ms{receipts}{}",
             step.report.throughput_msgs_s,
             step.latency.p99,
             if ok { "" } else { "  (over the target)" }
