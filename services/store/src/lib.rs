@@ -12,6 +12,7 @@ mod db;
 mod entity;
 mod error;
 mod messages;
+mod password;
 mod rpc;
 mod users;
 

@@ -1,6 +1,5 @@
 //! Accounts: registration, password checks (argon2id), lookup and search, last seen.
 
-use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use chat_proto::envelope::{Credentials, Search, UserInfo};
 use chat_proto::limits::{valid_password, valid_username};
 use chat_proto::{ErrorBody, ErrorCode, UserId};
@@ -11,6 +10,7 @@ use sea_orm::{
 
 use crate::entity::users;
 use crate::error::Error;
+use crate::password;
 
 /// Creates an account. Usernames are unique case-insensitively (the column's collation).
 pub(crate) async fn register(
@@ -29,7 +29,7 @@ pub(crate) async fn register(
             "a password is 8 to 256 characters",
         )));
     }
-    let password_hash = hash(req.password).await;
+    let password_hash = password::hash(req.password).await;
     let user = users::ActiveModel {
         username: Set(req.username),
         password_hash: Set(password_hash),
@@ -66,35 +66,6 @@ pub(crate) async fn login(
     }
 }
 
-/// Runs one argon2 computation on the blocking pool, at most as many at once as there are
-/// cores. Each takes 19 MiB for its duration: unbounded, a burst of registrations ran
-/// hundreds at once and left the process at 2.6 GB (measured with `chat-bench`); more at once
-/// than cores only queues them inside the kernel instead of here.
-async fn argon2_job<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> T {
-    static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    });
-    let _slot = SLOTS
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
-    tokio::task::spawn_blocking(job)
-        .await
-        .expect("an argon2 job does not panic")
-}
-
-async fn hash(password: String) -> String {
-    argon2_job(move || {
-        // Argon2::default() is argon2id with the parameters OWASP recommends; the salt is
-        // random per password.
-        Argon2::default()
-            .hash_password(password.as_bytes())
-            .expect("argon2 with default parameters hashes any password")
-            .to_string()
-    })
-    .await
-}
-
 /// A hash of a random password nobody knows, to verify against when the user is unknown.
 static DECOY_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
 
@@ -103,17 +74,11 @@ async fn verify(password: String, stored: Option<String>) -> bool {
     let stored = match stored {
         Some(s) => s,
         None => DECOY_HASH
-            .get_or_init(|| hash(uuid::Uuid::new_v4().to_string()))
+            .get_or_init(|| password::hash(uuid::Uuid::new_v4().to_string()))
             .await
             .clone(),
     };
-    argon2_job(move || {
-        Argon2::default()
-            .verify_password(password.as_bytes(), stored.as_str())
-            .is_ok()
-            && known
-    })
-    .await
+    password::verify(password, stored).await && known
 }
 
 pub(crate) async fn get(db: &DatabaseConnection, id: UserId) -> Result<Option<UserInfo>, Error> {
