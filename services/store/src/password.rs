@@ -3,7 +3,7 @@
 //!
 //! Each computation needs 19 MiB. Allocated per call, glibc serves it from the heap of
 //! whichever blocking thread runs it and keeps it there after the call: a store that had
-//! registered and logged in 1,000 users held 640 MB (docs/benchmarks.md). Here at most one
+//! registered and logged in 1,000 users held 600–680 MB (docs/benchmarks.md). Here at most one
 //! computation per core runs at once, each in a buffer taken from a pool of at most that
 //! many, so the store holds 19 MiB per core for good and allocates nothing per call.
 //!
