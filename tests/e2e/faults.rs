@@ -461,95 +461,94 @@ async fn random_replica_kills_for_a_minute_lose_and_double_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
     const COUNT: u64 = 50;
-    let subjects = chat_tests::fresh_subjects();
-    let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
-    let js = async_nats::jetstream::new(nats);
-    let (inbound, _) = chat_runtime::nats::ensure_streams(&js, &subjects)
-        .await
-        .unwrap();
-    let publish = |i: u64| {
-        let js = js.clone();
-        let subject = subjects.inbound();
-        async move {
-            js.publish(subject, i.to_string().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
-    for i in 0..COUNT {
-        publish(i).await;
-    }
-    let consumer =
-        chat_runtime::nats::durable_consumer(&inbound, "drain", Duration::from_secs(600))
+    chat_tests::in_fresh_namespace(|js, subjects| async move {
+        let (inbound, _) = chat_runtime::nats::ensure_streams(&js, &subjects)
             .await
             .unwrap();
-    // (delivered but not acked, not yet delivered)
-    let counts = || {
-        let mut consumer = consumer.clone();
-        async move {
-            let info = consumer.info().await.unwrap();
-            (info.num_ack_pending as u64, info.num_pending)
+        let publish = |i: u64| {
+            let js = js.clone();
+            let subject = subjects.inbound();
+            async move {
+                js.publish(subject, i.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        };
+        for i in 0..COUNT {
+            publish(i).await;
         }
-    };
+        let consumer =
+            chat_runtime::nats::durable_consumer(&inbound, "drain", Duration::from_secs(600))
+                .await
+                .unwrap();
+        // (delivered but not acked, not yet delivered)
+        let counts = || {
+            let mut consumer = consumer.clone();
+            async move {
+                let info = consumer.info().await.unwrap();
+                (info.num_ack_pending as u64, info.num_pending)
+            }
+        };
 
-    // A replica reports the stream sequence of each message it takes, then waits for a permit
-    // before it acks.
-    let replica = |permits: std::sync::Arc<tokio::sync::Semaphore>| {
-        let (taken_tx, taken) = tokio::sync::mpsc::unbounded_channel();
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(chat_runtime::nats::consume(
-            consumer.clone(),
-            1,
-            cancel.clone(),
-            move |batch| {
-                let (taken_tx, permits) = (taken_tx.clone(), permits.clone());
-                async move {
-                    for msg in batch {
-                        let _ = taken_tx.send(msg.info().unwrap().stream_sequence);
-                        permits.acquire().await.unwrap().forget();
-                        msg.double_ack().await.unwrap();
+        // A replica reports the stream sequence of each message it takes, then waits for a permit
+        // before it acks.
+        let replica = |permits: std::sync::Arc<tokio::sync::Semaphore>| {
+            let (taken_tx, taken) = tokio::sync::mpsc::unbounded_channel();
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(chat_runtime::nats::consume(
+                consumer.clone(),
+                1,
+                cancel.clone(),
+                move |batch| {
+                    let (taken_tx, permits) = (taken_tx.clone(), permits.clone());
+                    async move {
+                        for msg in batch {
+                            let _ = taken_tx.send(msg.info().unwrap().stream_sequence);
+                            permits.acquire().await.unwrap().forget();
+                            msg.double_ack().await.unwrap();
+                        }
                     }
-                }
-            },
-        ));
-        (task, taken, cancel)
-    };
-    let held = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let (first, mut first_taken, stop_first) = replica(held.clone());
-    let mut taken = vec![
-        tokio::time::timeout(chat_tests::WAIT, first_taken.recv())
+                },
+            ));
+            (task, taken, cancel)
+        };
+        let held = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let (first, mut first_taken, stop_first) = replica(held.clone());
+        let mut taken = vec![
+            tokio::time::timeout(chat_tests::WAIT, first_taken.recv())
+                .await
+                .expect("the first replica takes a message")
+                .unwrap(),
+        ];
+        // The rest has reached the first replica's pull too: stopping it now would strand them.
+        chat_tests::eventually("every message delivered to the first replica", || async {
+            (counts().await.0 == COUNT).then_some(())
+        })
+        .await;
+        stop_first.cancel();
+        held.add_permits(COUNT as usize);
+        tokio::time::timeout(chat_tests::WAIT, first)
             .await
-            .expect("the first replica takes a message")
-            .unwrap(),
-    ];
-    // The rest has reached the first replica's pull too: stopping it now would strand them.
-    chat_tests::eventually("every message delivered to the first replica", || async {
-        (counts().await.0 == COUNT).then_some(())
+            .expect("the first replica stops")
+            .unwrap();
+        while let Ok(seq) = first_taken.try_recv() {
+            taken.push(seq);
+        }
+        assert_eq!(taken, (1..=COUNT).collect::<Vec<_>>(), "handled, in order");
+        assert_eq!(counts().await, (0, 0), "nothing left awaiting an ack");
+
+        publish(COUNT).await;
+        let (second, mut second_taken, stop_second) =
+            replica(std::sync::Arc::new(tokio::sync::Semaphore::new(1)));
+        let next = tokio::time::timeout(chat_tests::WAIT, second_taken.recv())
+            .await
+            .expect("the next replica gets a message sent after the stop")
+            .unwrap();
+        stop_second.cancel();
+        second.await.unwrap();
+        assert_eq!(next, COUNT + 1);
     })
     .await;
-    stop_first.cancel();
-    held.add_permits(COUNT as usize);
-    tokio::time::timeout(chat_tests::WAIT, first)
-        .await
-        .expect("the first replica stops")
-        .unwrap();
-    while let Ok(seq) = first_taken.try_recv() {
-        taken.push(seq);
-    }
-    assert_eq!(taken, (1..=COUNT).collect::<Vec<_>>(), "handled, in order");
-    assert_eq!(counts().await, (0, 0), "nothing left awaiting an ack");
-
-    publish(COUNT).await;
-    let (second, mut second_taken, stop_second) =
-        replica(std::sync::Arc::new(tokio::sync::Semaphore::new(1)));
-    let next = tokio::time::timeout(chat_tests::WAIT, second_taken.recv())
-        .await
-        .expect("the next replica gets a message sent after the stop")
-        .unwrap();
-    stop_second.cancel();
-    second.await.unwrap();
-    chat_tests::delete_streams(&js, &subjects).await;
-    assert_eq!(next, COUNT + 1);
 }

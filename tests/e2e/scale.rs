@@ -93,29 +93,25 @@ async fn two_of_each_service_deliver_everything_once_in_order() {
 /// once stopped every service but the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_starting_together_make_the_streams_once() {
-    let subjects = chat_tests::fresh_subjects();
-    let starts = (0..6).map(|_| {
-        let subjects = subjects.clone();
-        tokio::spawn(async move {
-            let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
-            let js = async_nats::jetstream::new(nats);
-            chat_runtime::nats::ensure_streams(&js, &subjects)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-    });
-    let results = futures::future::join_all(starts).await;
-    let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
-    let js = async_nats::jetstream::new(nats);
-    let sources = match js.get_stream(subjects.store_stream()).await {
-        Ok(mut store) => store.info().await.unwrap().config.sources.clone(),
-        Err(_) => None,
-    };
-    chat_tests::delete_streams(&js, &subjects).await;
-    for result in results {
-        assert_eq!(result.unwrap(), Ok(()));
-    }
-    let names: Vec<String> = sources.into_iter().flatten().map(|s| s.name).collect();
-    assert_eq!(names, [subjects.in_stream()]);
+    chat_tests::in_fresh_namespace(|js, subjects| async move {
+        let starts = (0..6).map(|_| {
+            let subjects = subjects.clone();
+            tokio::spawn(async move {
+                let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
+                let js = async_nats::jetstream::new(nats);
+                chat_runtime::nats::ensure_streams(&js, &subjects)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        });
+        for result in futures::future::join_all(starts).await {
+            assert_eq!(result.unwrap(), Ok(()));
+        }
+        let mut store = js.get_stream(subjects.store_stream()).await.unwrap();
+        let sources = store.info().await.unwrap().config.sources.clone();
+        let names: Vec<String> = sources.into_iter().flatten().map(|s| s.name).collect();
+        assert_eq!(names, [subjects.in_stream()]);
+    })
+    .await;
 }

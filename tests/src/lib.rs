@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use chat_proto::Subjects;
 use chat_runtime::CommonConfig;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -170,10 +170,28 @@ fn random_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
-/// A namespace no other test uses, for a test that makes its streams without a deployment
-/// (and deletes them with [`delete_streams`]).
-pub fn fresh_subjects() -> Subjects {
+/// A namespace no other test uses.
+fn fresh_subjects() -> Subjects {
     Subjects::new(&format!("t{}", random_suffix())).expect("a valid namespace")
+}
+
+/// Runs `test` in a namespace no other test uses, for a test that makes its streams without
+/// a deployment, and deletes the namespace's streams after it, passed or panicked.
+pub async fn in_fresh_namespace<F, Fut>(test: F)
+where
+    F: FnOnce(async_nats::jetstream::Context, Subjects) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let subjects = fresh_subjects();
+    let nats = async_nats::connect(NATS_URL).await.expect("NATS answers");
+    let js = async_nats::jetstream::new(nats);
+    let outcome = std::panic::AssertUnwindSafe(test(js.clone(), subjects.clone()))
+        .catch_unwind()
+        .await;
+    delete_streams(&js, &subjects).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// Deletes the namespace's two streams, whichever exist.
