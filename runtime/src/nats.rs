@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, HeaderMap};
 use chat_proto::envelope::Reply;
 use chat_proto::{ErrorBody, Subjects};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -202,11 +202,13 @@ pub async fn durable_consumer(
 }
 
 /// How long one pull request stays open at the server. Each is renewed when it ends, so a
-/// request lost to a NATS restart is replaced within this (plus a margin), and a stopping
-/// service drains for at most this long. Not shorter: with 1 s, NATS 2.9.10 left pull
-/// requests silent (neither delivering nor ending) on new streams, 4 in 3 short runs, and
-/// one stalled delivery until the silence guard; with 5 s none (docs/benchmarks.md ⁴).
+/// request lost to a NATS restart is replaced within this (plus [`PULL_MARGIN`]), and a
+/// stopping service drains for at most as long.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long after a pull's expiry its messages may still be on their way. A pull is given up
+/// this long after its expiry whether or not the server said it ended (NATS 2.9.10 often
+/// does not: docs/benchmarks.md ⁴), so live delivery stalls for at most this long then.
+const PULL_MARGIN: Duration = Duration::from_secs(1);
 /// Messages one pull request asks for; they are handed on in chunks as they arrive.
 const PULL_MAX: usize = 2000;
 
@@ -218,7 +220,7 @@ const PULL_MAX: usize = 2000;
 /// the consumer is pulling again within seconds. This loop only ends on cancellation.
 ///
 /// Cancellation drains: no new pull is made, and what the current one brings until it ends
-/// (at most `PULL_EXPIRES` later) is handled. JetStream counts every message a pull brought
+/// (at most `PULL_EXPIRES` + `PULL_MARGIN` later) is handled. JetStream counts every message a pull brought
 /// as delivered to this replica, so one dropped unhandled would reach another replica only
 /// after the ack wait. Naking those instead falls short on NATS 2.9.10: the pull outlives
 /// its subscriber at the server until it expires, and in tests the first message naked went
@@ -234,6 +236,9 @@ pub async fn consume<F, Fut>(
 {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
+        // The server ends a pull `PULL_EXPIRES` after it gets it; by this deadline all it
+        // delivered has arrived.
+        let deadline = tokio::time::Instant::now() + PULL_EXPIRES + PULL_MARGIN;
         let pull = consumer
             .batch()
             .max_messages(PULL_MAX)
@@ -252,17 +257,24 @@ pub async fn consume<F, Fut>(
                 continue;
             }
         };
-        loop {
-            // Not interrupted by `cancel`: a pull ends by itself within `PULL_EXPIRES`.
-            let next =
-                tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), chunks.next()).await;
-            let items = match next {
+        // Not interrupted by `cancel`: a pull ends by itself.
+        let mut over = false;
+        while !over {
+            let items = match tokio::time::timeout_at(deadline, chunks.next()).await {
                 Ok(Some(items)) => items,
                 // The request ended (expired or full): pull again.
                 Ok(None) => break,
+                // Ended unannounced: NATS 2.9.10 often sends no 408 for a pull that expired
+                // after delivering something, and a pull lost to a NATS restart says nothing
+                // at all. Take what has arrived, then pull again.
                 Err(_) => {
-                    tracing::warn!("a pull request went silent (NATS restarted?); pulling again");
-                    break;
+                    over = true;
+                    let mut rest = Vec::new();
+                    while let Some(Some(items)) = chunks.next().now_or_never() {
+                        rest.extend(items);
+                    }
+                    tracing::debug!(count = rest.len(), "a pull ended unannounced");
+                    rest
                 }
             };
             let mut ready = Vec::with_capacity(items.len());
