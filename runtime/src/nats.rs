@@ -216,13 +216,13 @@ const PULL_MAX: usize = 2000;
 /// fires. The handler acks, naks or terminates each message itself.
 ///
 /// Pull requests are short-lived and renewed (rather than one endless `messages()` stream),
-/// and a request that neither delivers nor ends in time is given up: after NATS restarts,
+/// and each is over [`PULL_MARGIN`] after its expiry, announced or not: after NATS restarts,
 /// the consumer is pulling again within seconds. This loop only ends on cancellation.
 ///
 /// Cancellation drains: no new pull is made, and what the current one brings until it ends
-/// (at most `PULL_EXPIRES` + `PULL_MARGIN` later) is handled. JetStream counts every message a pull brought
-/// as delivered to this replica, so one dropped unhandled would reach another replica only
-/// after the ack wait. Naking those instead falls short on NATS 2.9.10: the pull outlives
+/// (within `PULL_EXPIRES` + `PULL_MARGIN`) is handled. JetStream counts every message a pull
+/// brought as delivered to this replica, so one dropped unhandled would reach another
+/// replica only after the ack wait. Naking those instead falls short on NATS 2.9.10: the pull outlives
 /// its subscriber at the server until it expires, and in tests the first message naked went
 /// to it and waited out the ack wait all the same.
 pub async fn consume<F, Fut>(

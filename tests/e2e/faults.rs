@@ -361,7 +361,7 @@ async fn sigterm_to_a_replica_of_each_service_loses_nothing() {
     let urls = vec![env.ws_url(0), env.ws_url(1)];
     let (gateway, router, store) = (env.take_gateway(0), env.take_router(0), env.take_store(0));
     // Slower than the other runs, so every stop lands while all clients are still sending
-    // (a router or store takes up to 5 s to stop: it drains its last pull).
+    // (a router or store takes up to 6 s to stop: it drains its last pull).
     let run = Traffic {
         pace: Duration::from_millis(500),
         ..traffic(&users)
