@@ -258,25 +258,26 @@ pub async fn consume<F, Fut>(
             }
         };
         // Not interrupted by `cancel`: a pull ends by itself.
-        let mut over = false;
-        while !over {
-            let items = match tokio::time::timeout_at(deadline, chunks.next()).await {
-                Ok(Some(items)) => items,
-                // The request ended (expired or full): pull again.
-                Ok(None) => break,
-                // Ended unannounced: NATS 2.9.10 often sends no 408 for a pull that expired
-                // after delivering something, and a pull lost to a NATS restart says nothing
-                // at all. Take what has arrived, then pull again.
-                Err(_) => {
-                    over = true;
-                    let mut rest = Vec::new();
-                    while let Some(Some(items)) = chunks.next().now_or_never() {
-                        rest.extend(items);
+        let mut past_deadline = false;
+        loop {
+            let next = if past_deadline {
+                // Only what has arrived already.
+                chunks.next().now_or_never().flatten()
+            } else {
+                match tokio::time::timeout_at(deadline, chunks.next()).await {
+                    Ok(next) => next,
+                    // Ended unannounced: NATS 2.9.10 often sends no 408 for a pull that
+                    // expired after delivering something, and a pull lost to a NATS restart
+                    // says nothing at all. Take what has arrived, then pull again.
+                    Err(_) => {
+                        past_deadline = true;
+                        tracing::debug!("a pull ended unannounced");
+                        continue;
                     }
-                    tracing::debug!(count = rest.len(), "a pull ended unannounced");
-                    rest
                 }
             };
+            // `None`: the request ended (expired or full), or nothing more has arrived.
+            let Some(items) = next else { break };
             let mut ready = Vec::with_capacity(items.len());
             for item in items {
                 match item {
