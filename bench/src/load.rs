@@ -111,9 +111,8 @@ struct PairStats {
     accepted: HashSet<u64>,
     /// msg_ids answered `sent`, with when, until their `delivered` receipt comes.
     awaiting_receipt: HashMap<String, Instant>,
-    receipts: u64,
     /// `sent` → `delivered` receipt, in µs: how far the stored side (the receiver's ack
-    /// made durable and marked) trails acceptance.
+    /// made durable and marked) trails acceptance. One entry per receipt.
     receipt_hist: Histogram<u64>,
     rejected: u64,
     first_error: Option<String>,
@@ -135,7 +134,6 @@ impl PairStats {
             written: 0,
             accepted: HashSet::new(),
             awaiting_receipt: HashMap::new(),
-            receipts: 0,
             receipt_hist: report::histogram(),
             rejected: 0,
             first_error: None,
@@ -332,7 +330,7 @@ impl Fleet {
                 accepted: t.accepted + s.accepted.len() as u64,
                 rejected: t.rejected + s.rejected,
                 delivered: t.delivered + s.seen.len() as u64,
-                receipts: t.receipts + s.receipts,
+                receipts: t.receipts + s.receipt_hist.len(),
             }
         })
     }
@@ -543,7 +541,6 @@ async fn answers(run: String, mut reader: Reader, stats: Arc<Mutex<PairStats>>) 
             }
             Event::Receipt { msg_id, status } if status == "delivered" => {
                 if let Some(at) = s.awaiting_receipt.remove(&msg_id) {
-                    s.receipts += 1;
                     s.receipt_hist.saturating_record(micros_since(at));
                 }
             }

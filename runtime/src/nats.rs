@@ -222,9 +222,9 @@ const PULL_MAX: usize = 2000;
 /// Cancellation drains: no new pull is made, and what the current one brings until it ends
 /// (within `PULL_EXPIRES` + `PULL_MARGIN`) is handled. JetStream counts every message a pull
 /// brought as delivered to this replica, so one dropped unhandled would reach another
-/// replica only after the ack wait. Naking those instead falls short on NATS 2.9.10: the pull outlives
-/// its subscriber at the server until it expires, and in tests the first message naked went
-/// to it and waited out the ack wait all the same.
+/// replica only after the ack wait. Naking those instead falls short on NATS 2.9.10: the
+/// pull outlives its subscriber at the server until it expires, and in tests the first
+/// message naked went to it and waited out the ack wait all the same.
 pub async fn consume<F, Fut>(
     consumer: consumer::PullConsumer,
     batch: usize,
