@@ -20,13 +20,12 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 /// Frames queued for one socket (as the gateway's default).
 const OUTBOUND_QUEUE: usize = 4096;
 
 /// A user's open sockets: session id and outbound queue.
-type Sockets = Vec<(u64, mpsc::Sender<Message>)>;
+type Sockets = Vec<(u64, flume::Sender<Message>)>;
 
 #[derive(Default)]
 struct Relay {
@@ -115,7 +114,7 @@ async fn upgrade(
 
 async fn session(relay: Arc<Relay>, user: i64, socket: WebSocket) {
     let id = relay.next_session.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
+    let (tx, rx) = chat_gateway::socket::queue(OUTBOUND_QUEUE);
     relay
         .sessions
         .write()
@@ -150,7 +149,7 @@ async fn session(relay: Arc<Relay>, user: i64, socket: WebSocket) {
 }
 
 impl Relay {
-    fn send(&self, from: i64, frame: &Value, reply: &mpsc::Sender<Message>) {
+    fn send(&self, from: i64, frame: &Value, reply: &flume::Sender<Message>) {
         let (Some(to), Some(client_id), Some(body)) = (
             frame["to"].as_i64(),
             frame["client_id"].as_str(),

@@ -51,7 +51,7 @@ pub(crate) async fn run(
     state: AppState,
     user: UserId,
     mut rx: mpsc::Receiver<Outgoing>,
-    out: mpsc::Sender<WsMessage>,
+    out: flume::Sender<WsMessage>,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     loop {
@@ -62,7 +62,7 @@ pub(crate) async fn run(
                     // Waits for room: a client that never reads is dropped by the connection
                     // loop (its next push finds the queue full), which ends this task too.
                     let text = WsMessage::Text(Utf8Bytes::from(frame.to_json()));
-                    if out.send(text).await.is_err() {
+                    if out.send_async(text).await.is_err() {
                         break;
                     }
                 }

@@ -132,7 +132,7 @@ enum BacklogEvent {
 struct Connection {
     state: AppState,
     user: UserId,
-    out: mpsc::Sender<WsMessage>,
+    out: flume::Sender<WsMessage>,
     /// The sender task's queue, once the client has sent something to publish.
     outgoing: Option<(mpsc::Sender<Outgoing>, tokio::task::JoinHandle<()>)>,
     seen: RecentIds,
@@ -159,7 +159,7 @@ async fn run(
         session_id = %session_id
     );
     async {
-        let (out, out_rx) = mpsc::channel(state.config.outbound_queue);
+        let (out, out_rx) = socket::queue(state.config.outbound_queue);
         let writer = tokio::spawn(socket::write_loop(sink, out_rx));
 
         // Boxed: the connect steps' futures are large (the settle queries alone take ~2.6 KiB)
@@ -215,7 +215,7 @@ async fn open(
     state: &AppState,
     user: UserId,
     session_id: &str,
-    out: &mpsc::Sender<WsMessage>,
+    out: &flume::Sender<WsMessage>,
 ) -> Option<async_nats::Subscriber> {
     // (a) Subscribe and flush, so every event from here on reaches us ...
     let sub = match state.nats.subscribe(state.subjects.user(user)).await {
@@ -233,7 +233,7 @@ async fn open(
         session_id: session_id.to_owned(),
         server_time: chat_proto::now_ms(),
     };
-    let _ = out.send(text(hello.to_json())).await;
+    let _ = out.send_async(text(hello.to_json())).await;
     // Let what was sent before this connect be stored, then (b) announce the session. Done
     // here, not in the backlog task, so that the announcement has been answered before a
     // quick disconnect's `session_down` can overtake it.
@@ -243,7 +243,7 @@ async fn open(
 }
 
 /// Sends the close frame (when there is one) and lets the writer drain, within a bound.
-async fn finish(writer: tokio::task::JoinHandle<()>, out: mpsc::Sender<WsMessage>, end: End) {
+async fn finish(writer: tokio::task::JoinHandle<()>, out: flume::Sender<WsMessage>, end: End) {
     if let Some(frame) = end.close_frame() {
         let _ = out.try_send(WsMessage::Close(Some(frame)));
     }
@@ -373,11 +373,11 @@ impl Connection {
     fn push(&self, msg: WsMessage) -> Result<(), End> {
         match self.out.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(flume::TrySendError::Full(_)) => {
                 tracing::info!("client is not reading; dropping the connection");
                 Err(End::SlowReader)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::ClientGone),
+            Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
         }
     }
 
@@ -518,7 +518,7 @@ impl Connection {
             meters::frame_out_kind("message");
             // Backlog frames wait for room in the queue: a long backlog is not a slow reader.
             let frame = text(ServerFrame::Message(m).to_json());
-            match tokio::time::timeout(BACKLOG_WRITE_TIMEOUT, self.out.send(frame)).await {
+            match tokio::time::timeout(BACKLOG_WRITE_TIMEOUT, self.out.send_async(frame)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(End::ClientGone),
                 Err(_) => return Err(End::SlowReader),
