@@ -251,6 +251,12 @@ impl Fleet {
         })
     }
 
+    /// Waits (up to `limit`) until the server's processes and backends are idle; see
+    /// [`procs::until_quiet`].
+    pub async fn until_quiet(&self, limit: Duration) -> (Duration, f64) {
+        procs::until_quiet(&self.watched, limit).await
+    }
+
     /// The server under load.
     pub fn target(&self) -> &str {
         &self.target

@@ -49,6 +49,10 @@ enum Command {
         max_rate: Option<f64>,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Seconds to wait at most, before the unloaded part, for the server's processes and
+        /// backends to be idle (0: one second's reading, then on).
+        #[arg(long, default_value_t = 60.0)]
+        quiet_limit: f64,
         #[command(flatten)]
         search: Search,
     },
@@ -114,8 +118,12 @@ async fn run(command: Command) -> anyhow::Result<Option<report::Report>> {
             pairs,
             max_rate,
             duration,
+            quiet_limit,
             search,
-        } => scenarios::latency(&common, pairs, max_rate, seconds(duration), &search).await,
+        } => {
+            let times = (seconds(duration), seconds(quiet_limit));
+            scenarios::latency(&common, pairs, max_rate, times, &search).await
+        }
         Command::Idle {
             common,
             connections,

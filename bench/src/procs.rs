@@ -167,6 +167,34 @@ impl Watch {
     }
 }
 
+/// Below this many cores used together, the watched processes count as quiet: idle, they use
+/// well under 1 % of a core (pings, heartbeats, NATS's and MariaDB's housekeeping).
+const QUIET_CORES: f64 = 0.05;
+
+/// Waits, up to `limit`, until the watched processes other than this tool use less than
+/// [`QUIET_CORES`] together over a second: what earlier load left them to do (a store
+/// catching up, MariaDB purging old row versions, NATS expiring messages) is done. Returns
+/// how long it waited and the cores used over the last second.
+pub async fn until_quiet(targets: &[Target], limit: Duration) -> (Duration, f64) {
+    const WINDOW: Duration = Duration::from_secs(1);
+    let pids: Vec<i32> = targets
+        .iter()
+        .filter(|t| t.label != "load-tool")
+        .map(|t| t.pid)
+        .collect();
+    let used = || pids.iter().filter_map(|pid| cpu_seconds(*pid)).sum::<f64>();
+    let start = tokio::time::Instant::now();
+    loop {
+        let before = used();
+        // A measurement window, not a wait for an event: CPU time is only known afterwards.
+        tokio::time::sleep(WINDOW).await;
+        let cores = (used() - before) / WINDOW.as_secs_f64();
+        if cores < QUIET_CORES || start.elapsed() >= limit {
+            return (start.elapsed(), cores);
+        }
+    }
+}
+
 pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }

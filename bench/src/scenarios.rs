@@ -207,17 +207,24 @@ async fn find_max(
 /// The lowest rate the search tries.
 const MIN_RATE: f64 = 10.0;
 
-/// Unloaded round trips (one pair, at a rate where no message waits for another), then
-/// latency at half the highest sustainable rate.
+/// Unloaded round trips (one pair, at a rate where no message waits for another, once the
+/// machine is idle or `quiet_limit` has passed), then latency at half the highest sustainable
+/// rate; each measured for `duration`.
 pub async fn latency(
     common: &Common,
     pairs: usize,
     max_rate: Option<f64>,
-    duration: Duration,
+    (duration, quiet_limit): (Duration, Duration),
     search: &Search,
 ) -> Result<Report> {
     let mut report = Report::new("latency", &common.base);
     let mut quiet = fleet(common, 1).await?;
+    // Unloaded means no other work either: not the tail of a scenario run just before.
+    let (waited, cores) = quiet.until_quiet(quiet_limit).await;
+    report.detail(
+        "quiet_before_unloaded",
+        json!({"waited_s": round3(waited.as_secs_f64()), "cores_in_use": round3(cores)}),
+    );
     absorb(&mut report, &quiet.step(UNLOADED_RATE, WARM_UP).await);
     let unloaded = quiet.step(UNLOADED_RATE, duration).await;
     drop(quiet);

@@ -78,12 +78,19 @@ async fn every_scenario_delivers_everything_once_against_the_stack() {
         "200",
         "--duration",
         "1",
+        // Tests run side by side: the machine is never idle.
+        "--quiet-limit",
+        "0",
     ])
     .await;
     assert_complete(&run);
     assert!(
         run["half_max"]["latency_ms"]["p50"].as_f64() > Some(0.0),
         "{run}"
+    );
+    assert!(
+        run["quiet_before_unloaded"]["waited_s"].as_f64() >= Some(1.0),
+        "a second's reading at least: {run}"
     );
 
     let run = bench(&["backlog", "--base", base, "--messages", "300"]).await;
