@@ -42,6 +42,11 @@ pub struct Config {
     pub login_rate_user: u32,
     /// Frames queued for one socket before the client counts as not reading and is dropped
     /// (it reconnects and gets its backlog; nobody else waits for it).
-    #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "CHAT_OUTBOUND_QUEUE",
+        default_value_t = 4096,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     pub outbound_queue: usize,
 }
