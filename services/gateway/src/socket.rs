@@ -19,8 +19,8 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 4096;
 
 /// A socket's outbound queue, bounded to `capacity` frames: what the writer (`write_loop`)
-/// sends. flume's queue allocates nothing until frames are queued and then only what they
-/// need; tokio's allocates 32 slots up front, 1.6 KiB of every idle connection.
+/// sends. flume's queue allocates nothing until frames are queued and grows only as they
+/// wait; tokio's allocates 32 slots up front, 1.6 KiB of every idle connection.
 pub fn queue(capacity: usize) -> (flume::Sender<Message>, flume::Receiver<Message>) {
     flume::bounded(capacity)
 }
