@@ -11,7 +11,7 @@ use futures::stream::SplitSink;
 /// Bytes read from a socket at a time, allocated up front for every connection. tungstenite's
 /// default (128 KiB) would be most of an idle connection's memory; clients' frames are a few
 /// hundred bytes, and a larger one grows the buffer to its size.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 /// Frames are gathered up to about this many bytes before they are written (and always
 /// written once the queue behind them is empty): frames that are ready together go out in
 /// one system call. The buffer keeps the capacity it grew to (as it did with frames written
