@@ -121,8 +121,8 @@ async fn run(command: Command) -> anyhow::Result<Option<report::Report>> {
             quiet_limit,
             search,
         } => {
-            let times = (seconds(duration), seconds(quiet_limit));
-            scenarios::latency(&common, pairs, max_rate, times, &search).await
+            let (duration, quiet_limit) = (seconds(duration), seconds(quiet_limit));
+            scenarios::latency(&common, pairs, max_rate, duration, quiet_limit, &search).await
         }
         Command::Idle {
             common,

@@ -214,7 +214,8 @@ pub async fn latency(
     common: &Common,
     pairs: usize,
     max_rate: Option<f64>,
-    (duration, quiet_limit): (Duration, Duration),
+    duration: Duration,
+    quiet_limit: Duration,
     search: &Search,
 ) -> Result<Report> {
     let mut report = Report::new("latency", &common.base);
