@@ -215,6 +215,10 @@ const PULL_MAX: usize = 2000;
 /// Feeds `handle` with batches of whatever messages are ready (up to `batch`) until `cancel`
 /// fires. The handler acks, naks or terminates each message itself.
 ///
+/// With a `linger`, a batch that is not full waits up to that long after its first message
+/// for more to join it: fewer, larger batches (one transaction each in the store) for that
+/// much more delay. Zero hands on at once what has arrived.
+///
 /// Pull requests are short-lived and renewed (rather than one endless `messages()` stream),
 /// and each is over [`PULL_MARGIN`] after its expiry, announced or not: after NATS restarts,
 /// the consumer is pulling again within seconds. This loop only ends on cancellation.
@@ -228,6 +232,7 @@ const PULL_MAX: usize = 2000;
 pub async fn consume<F, Fut>(
     consumer: consumer::PullConsumer,
     batch: usize,
+    linger: Duration,
     cancel: CancellationToken,
     mut handle: F,
 ) where
@@ -279,16 +284,43 @@ pub async fn consume<F, Fut>(
             // `None`: the request ended (expired or full), or nothing more has arrived.
             let Some(items) = next else { break };
             let mut ready = Vec::with_capacity(items.len());
-            for item in items {
-                match item {
-                    Ok(m) => ready.push(m),
-                    Err(e) => tracing::warn!(error = %e, "JetStream pull interrupted"),
+            keep_delivered(items, &mut ready);
+            if !linger.is_zero() && !past_deadline {
+                // More may join until the linger is over; the pull's end comes first.
+                let until = (tokio::time::Instant::now() + linger).min(deadline);
+                while ready.len() < batch {
+                    match tokio::time::timeout_at(until, chunks.next()).await {
+                        Ok(Some(more)) => keep_delivered(more, &mut ready),
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
             if !ready.is_empty() {
                 backoff = Duration::from_millis(100);
+            }
+            // A chunk that joined last may have taken the batch over its size.
+            while ready.len() > batch {
+                let rest = ready.split_off(batch);
+                handle(ready).await;
+                ready = rest;
+            }
+            if !ready.is_empty() {
                 handle(ready).await;
             }
+        }
+    }
+}
+
+/// Moves the messages a pull delivered into `ready`; an error in between is only logged (the
+/// pull goes on, or ends and is renewed).
+fn keep_delivered<E: std::fmt::Display>(
+    items: Vec<Result<jetstream::Message, E>>,
+    ready: &mut Vec<jetstream::Message>,
+) {
+    for item in items {
+        match item {
+            Ok(m) => ready.push(m),
+            Err(e) => tracing::warn!(error = %e, "JetStream pull interrupted"),
         }
     }
 }

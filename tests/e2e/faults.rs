@@ -500,6 +500,7 @@ async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
             let task = tokio::spawn(chat_runtime::nats::consume(
                 consumer.clone(),
                 1,
+                std::time::Duration::ZERO,
                 cancel.clone(),
                 move |batch| {
                     let (taken_tx, permits) = (taken_tx.clone(), permits.clone());
@@ -549,6 +550,113 @@ async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
         stop_second.cancel();
         second.await.unwrap();
         assert_eq!(next, COUNT + 1);
+    })
+    .await;
+}
+
+/// A consumer with a linger (the store's) hands on messages that arrive one after another as
+/// one batch, never more than its batch size at once and in stream order, and still hands on
+/// a lone message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_consumer_gathers_what_arrives_together() {
+    const COUNT: u64 = 10;
+    const LINGER: Duration = Duration::from_secs(2);
+    chat_tests::in_fresh_namespace(|js, subjects| async move {
+        let (inbound, _) = chat_runtime::nats::ensure_streams(&js, &subjects)
+            .await
+            .unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        // Each consumer reports the stream sequences of every batch it was handed.
+        let start = |durable: &'static str, batch: usize| {
+            let (batches_tx, batches) = tokio::sync::mpsc::unbounded_channel();
+            let (inbound, cancel) = (inbound.clone(), cancel.clone());
+            let task = tokio::spawn(async move {
+                let consumer = chat_runtime::nats::durable_consumer(
+                    &inbound,
+                    durable,
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+                chat_runtime::nats::consume(consumer, batch, LINGER, cancel, move |msgs| {
+                    let batches_tx = batches_tx.clone();
+                    async move {
+                        let seqs: Vec<u64> = msgs
+                            .iter()
+                            .map(|m| m.info().unwrap().stream_sequence)
+                            .collect();
+                        for msg in msgs {
+                            msg.ack().await.unwrap();
+                        }
+                        let _ = batches_tx.send(seqs);
+                    }
+                })
+                .await;
+            });
+            (task, batches)
+        };
+        let (wide, mut wide_batches) = start("wide", 256);
+        let (narrow, mut narrow_batches) = start("narrow", 4);
+        let publish = |i: u64| {
+            let js = js.clone();
+            let subject = subjects.inbound();
+            async move {
+                js.publish(subject, i.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        };
+        // Both consumers pull before the first message: each arrives on its own.
+        chat_tests::eventually("both consumers pulling", || {
+            let inbound = inbound.clone();
+            async move {
+                let mut waiting = 0;
+                for durable in ["wide", "narrow"] {
+                    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                        inbound.get_consumer(durable).await.ok()?;
+                    waiting += consumer.info().await.ok()?.num_waiting;
+                }
+                (waiting == 2).then_some(())
+            }
+        })
+        .await;
+        for i in 0..COUNT {
+            publish(i).await;
+        }
+        async fn next(batches: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u64>>) -> Vec<u64> {
+            tokio::time::timeout(chat_tests::WAIT, batches.recv())
+                .await
+                .expect("a batch is handed on")
+                .expect("the consumer runs")
+        }
+        assert_eq!(
+            next(&mut wide_batches).await,
+            (1..=COUNT).collect::<Vec<_>>(),
+            "one batch of all that arrived within the linger"
+        );
+        let mut narrow_seen = Vec::new();
+        while narrow_seen.len() < COUNT as usize {
+            let batch = next(&mut narrow_batches).await;
+            assert!(batch.len() <= 4, "a batch over its size: {batch:?}");
+            narrow_seen.extend(batch);
+        }
+        assert_eq!(narrow_seen, (1..=COUNT).collect::<Vec<_>>(), "in order");
+
+        publish(COUNT).await;
+        assert_eq!(
+            next(&mut wide_batches).await,
+            vec![COUNT + 1],
+            "a lone message"
+        );
+        cancel.cancel();
+        for task in [wide, narrow] {
+            tokio::time::timeout(chat_tests::WAIT, task)
+                .await
+                .expect("the consumer stops")
+                .unwrap();
+        }
     })
     .await;
 }

@@ -322,6 +322,8 @@ impl TestEnv {
                 database_url: self.database_url(),
                 migrate_only: false,
                 ack_wait: self.options.ack_wait,
+                batch_linger: chat_runtime::parse_duration(chat_store::DEFAULT_BATCH_LINGER)
+                    .expect("the default is a duration"),
             };
             let app = chat_store::App::build(config)
                 .await

@@ -161,6 +161,8 @@ impl App {
         tasks.spawn(nats::consume(
             self.consumer,
             BATCH,
+            // The live push waits on this batch: hand it on at once.
+            Duration::ZERO,
             cancel.clone(),
             move |batch| {
                 let s = s.clone();

@@ -2,6 +2,10 @@
 
 use chat_runtime::CommonConfig;
 
+/// How long a batch of store work that is not full waits for more, by default
+/// ([`Config::batch_linger`]).
+pub const DEFAULT_BATCH_LINGER: &str = "5ms";
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "chat-store",
@@ -28,4 +32,10 @@ pub struct Config {
     /// gives it to another replica: the pause after a crash before its work is redone.
     #[arg(long, env = "CHAT_ACK_WAIT", default_value = "30s", value_parser = chat_runtime::parse_duration)]
     pub ack_wait: std::time::Duration,
+    /// How long a batch of store work that is not full waits for more to join it: fewer,
+    /// larger transactions (less CPU in the store and the database under load) for "stored"
+    /// notices and receipts up to that much later. Live delivery does not wait on it: the
+    /// router pushes before the store writes.
+    #[arg(long, env = "CHAT_STORE_LINGER", default_value = DEFAULT_BATCH_LINGER, value_parser = chat_runtime::parse_duration)]
+    pub batch_linger: std::time::Duration,
 }

@@ -26,7 +26,7 @@ use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Config;
+pub use config::{Config, DEFAULT_BATCH_LINGER};
 pub use error::Error;
 
 /// Store stream messages handled per batch (and per transaction) at most.
@@ -48,6 +48,8 @@ pub struct App {
     /// The stream the consumer reads, to report its lag.
     stream: jetstream::stream::Stream,
     ops: tokio::net::TcpListener,
+    /// How long a batch that is not full waits for more ([`Config::batch_linger`]).
+    linger: std::time::Duration,
 }
 
 impl App {
@@ -83,6 +85,7 @@ impl App {
             consumer,
             stream: store_stream,
             ops,
+            linger: config.batch_linger,
         })
     }
 
@@ -118,6 +121,7 @@ impl App {
         tasks.spawn(nats::consume(
             self.consumer,
             BATCH,
+            self.linger,
             cancel.clone(),
             move |batch| {
                 let state = state.clone();
