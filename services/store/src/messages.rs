@@ -44,6 +44,23 @@ fn runs<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// The most items one list of [`filled_lists`] holds.
+const LIST_MAX: usize = 256;
+
+/// Splits items into lists of up to [`LIST_MAX`], each filled up to a power of two by
+/// repeating its last item: as few statements as there are 256s, in the nine shapes of
+/// [`runs`]. Only for statements where an item twice is the same as once: an `IN (...)` list
+/// of ids, or an upsert whose update keeps the greater value. So a batch's marks take one
+/// SELECT and one UPDATE where runs took up to eight of each.
+fn filled_lists<T: Clone>(items: &[T]) -> impl Iterator<Item = Vec<T>> + '_ {
+    items.chunks(LIST_MAX).map(|chunk| {
+        let mut list = chunk.to_vec();
+        let last = chunk[chunk.len() - 1].clone();
+        list.resize(chunk.len().next_power_of_two(), last);
+        list
+    })
+}
+
 /// Inserts the messages that are not stored yet and moves each conversation's newest-message
 /// pointer, in one transaction. Returns, for each input, whether a message with its id is
 /// stored now: `false` only when the sender already has another message with that
@@ -91,7 +108,7 @@ pub(crate) async fn persist(
     } else {
         let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
         let mut stored = HashSet::new();
-        for run in runs(&ids) {
+        for run in filled_lists(&ids) {
             stored.extend(
                 messages::Entity::find()
                     .select_only()
@@ -114,9 +131,9 @@ pub(crate) async fn persist(
         }
     }
     let pointers: Vec<((UserId, UserId), Uuid)> = pointers.into_iter().collect();
-    for run in runs(&pointers) {
+    for run in filled_lists(&pointers) {
         let mut values: Vec<Value> = Vec::with_capacity(run.len() * 3);
-        for ((user, peer), id) in run {
+        for ((user, peer), id) in &run {
             values.extend([(*user).into(), (*peer).into(), (*id).into()]);
         }
         let sql = format!(
@@ -161,7 +178,7 @@ pub(crate) async fn deliver(
         .collect();
     // msg_id → (sender, recipient, status)
     let mut found: HashMap<Uuid, (UserId, UserId, Status)> = HashMap::with_capacity(ids.len());
-    for run in runs(&ids) {
+    for run in filled_lists(&ids) {
         let rows: Vec<(Uuid, UserId, UserId, i16)> = messages::Entity::find()
             .select_only()
             .columns([
@@ -193,7 +210,7 @@ pub(crate) async fn deliver(
         .into_iter()
         .collect();
     let now = chat_proto::now_ms();
-    for run in runs(&fresh) {
+    for run in filled_lists(&fresh) {
         let mut values: Vec<Value> = vec![now.into()];
         values.extend(run.iter().map(|id| Value::from(*id)));
         let sql = format!(
@@ -399,7 +416,8 @@ pub(crate) async fn peers(db: &DatabaseConnection, user: UserId) -> Result<Vec<U
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{LIST_MAX, filled_lists, runs};
+    use uuid::Uuid;
 
     #[test]
     fn runs_are_powers_of_two_covering_the_list_in_order() {
@@ -410,5 +428,21 @@ mod tests {
         assert_eq!(joined, items);
         assert_eq!(runs(&items[..64]).count(), 1);
         assert_eq!(runs::<u32>(&[]).count(), 0);
+    }
+
+    #[test]
+    fn filled_lists_are_powers_of_two_holding_every_item_in_order() {
+        let ids: Vec<Uuid> = (0..300u128).map(Uuid::from_u128).collect();
+        for n in [1, 2, 3, 10, 255, 256, 257, 300] {
+            let lists: Vec<Vec<Uuid>> = filled_lists(&ids[..n]).collect();
+            for list in &lists {
+                assert!(list.len().is_power_of_two() && list.len() <= LIST_MAX);
+            }
+            let mut distinct: Vec<Uuid> = lists.concat();
+            distinct.dedup();
+            assert_eq!(distinct, ids[..n], "{n} ids");
+            assert_eq!(lists.len(), n.div_ceil(LIST_MAX), "{n} ids");
+        }
+        assert_eq!(filled_lists::<Uuid>(&[]).count(), 0);
     }
 }
