@@ -224,3 +224,61 @@ async fn without_a_router_messages_are_stored_and_delivered_by_the_store() {
     assert_eq!(page["messages"][0]["msg_id"], id);
     env.finish().await;
 }
+
+/// A retry that comes after JetStream's de-dup window (put into the in stream by hand, under a
+/// fresh msg_id, as a gateway publishes it then) is not written again, and the store sends no
+/// "stored" notice of it: the recipient's device is not given a second copy. Without a router
+/// the store's notices are the only message events, and the store takes the stream in order:
+/// by the notice of the message sent after the retry, one of the retry would have come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_dedup_window_is_neither_stored_nor_announced() {
+    let env = TestEnv::start(Options {
+        routers: 0,
+        ..Default::default()
+    })
+    .await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect(&a).await;
+    let mut cb = env.connect(&b).await;
+    ca.backlog().await;
+    cb.backlog().await;
+    let first = ca.send_and_confirm(b.id, "late-1", "first try").await;
+    assert_eq!(cb.expect_body("first try").await["msg_id"], first);
+    let retry = chat_proto::Message {
+        msg_id: uuid::Uuid::now_v7().to_string(),
+        from: a.id,
+        to: b.id,
+        body: "first try".into(),
+        ts: chat_proto::now_ms(),
+        client_id: "late-1".into(),
+        status: chat_proto::Status::Sent,
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(chat_tests::NATS_URL).await.unwrap());
+    js.publish(
+        env.subjects.inbound(),
+        serde_json::to_vec(&retry).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    ca.send_and_confirm(b.id, "late-2", "after the retry").await;
+    let next = cb.expect_type("message").await;
+    assert_eq!(
+        next["body"], "after the retry",
+        "a second copy came: {next}"
+    );
+    let (status, page) = env
+        .get(&b, &format!("/api/v1/conversations/{}/messages", a.id))
+        .await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["msg_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "stored: {ids:?}");
+    assert!(ids.contains(&first.as_str()) && !ids.contains(&retry.msg_id.as_str()));
+    env.finish().await;
+}

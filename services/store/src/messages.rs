@@ -74,7 +74,6 @@ pub(crate) async fn persist(
         return Ok(Vec::new());
     }
     let txn = db.begin().await?;
-    let mut inserted = 0;
     for run in runs(batch) {
         let mut values: Vec<Value> = Vec::with_capacity(run.len() * 8);
         for (id, m) in run {
@@ -94,33 +93,29 @@ pub(crate) async fn persist(
              VALUES {} ON DUPLICATE KEY UPDATE msg_id = msg_id",
             placeholders(run.len(), "(?,?,?,?,?,?,?,?)")
         );
-        inserted += txn
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                sql,
-                values,
-            ))
-            .await?
-            .rows_affected();
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            sql,
+            values,
+        ))
+        .await?;
     }
-    let stored: HashSet<Uuid> = if inserted as usize == batch.len() {
-        batch.iter().map(|(id, _)| *id).collect()
-    } else {
-        let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-        let mut stored = HashSet::new();
-        for run in filled_lists(&ids) {
-            stored.extend(
-                messages::Entity::find()
-                    .select_only()
-                    .column(messages::Column::MsgId)
-                    .filter(messages::Column::MsgId.is_in(run.iter().copied()))
-                    .into_tuple::<Uuid>()
-                    .all(&txn)
-                    .await?,
-            );
-        }
-        stored
-    };
+    // Which ids are stored now is read back: the count of affected rows cannot tell. sqlx
+    // connects with CLIENT_FOUND_ROWS, so a row whose (sender, client_id) another id holds
+    // counts as found, like one inserted.
+    let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+    let mut stored = HashSet::new();
+    for run in filled_lists(&ids) {
+        stored.extend(
+            messages::Entity::find()
+                .select_only()
+                .column(messages::Column::MsgId)
+                .filter(messages::Column::MsgId.is_in(run.iter().copied()))
+                .into_tuple::<Uuid>()
+                .all(&txn)
+                .await?,
+        );
+    }
     // Both users' rows of each conversation, newest id per row, in key order so that
     // concurrent stores lock rows in the same order.
     let mut pointers: BTreeMap<(UserId, UserId), Uuid> = BTreeMap::new();
