@@ -295,18 +295,17 @@ pub async fn consume<F, Fut>(
                     }
                 }
             }
-            if !ready.is_empty() {
-                backoff = Duration::from_millis(100);
+            if ready.is_empty() {
+                continue;
             }
+            backoff = Duration::from_millis(100);
             // A chunk that joined last may have taken the batch over its size.
             while ready.len() > batch {
                 let rest = ready.split_off(batch);
                 handle(ready).await;
                 ready = rest;
             }
-            if !ready.is_empty() {
-                handle(ready).await;
-            }
+            handle(ready).await;
         }
     }
 }

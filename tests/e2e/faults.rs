@@ -465,19 +465,8 @@ async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
         let (inbound, _) = chat_runtime::nats::ensure_streams(&js, &subjects)
             .await
             .unwrap();
-        let publish = |i: u64| {
-            let js = js.clone();
-            let subject = subjects.inbound();
-            async move {
-                js.publish(subject, i.to_string().into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        };
         for i in 0..COUNT {
-            publish(i).await;
+            accept(&js, &subjects, i).await;
         }
         let consumer =
             chat_runtime::nats::durable_consumer(&inbound, "drain", Duration::from_secs(600))
@@ -540,7 +529,7 @@ async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
         assert_eq!(taken, (1..=COUNT).collect::<Vec<_>>(), "handled, in order");
         assert_eq!(counts().await, (0, 0), "nothing left awaiting an ack");
 
-        publish(COUNT).await;
+        accept(&js, &subjects, COUNT).await;
         let (second, mut second_taken, stop_second) =
             replica(std::sync::Arc::new(tokio::sync::Semaphore::new(1)));
         let next = tokio::time::timeout(chat_tests::WAIT, second_taken.recv())
@@ -552,6 +541,15 @@ async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
         assert_eq!(next, COUNT + 1);
     })
     .await;
+}
+
+/// Puts `i` into the in stream and waits for JetStream to accept it.
+async fn accept(js: &async_nats::jetstream::Context, subjects: &chat_proto::Subjects, i: u64) {
+    js.publish(subjects.inbound(), i.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 /// A consumer with a linger (the store's) hands on messages that arrive one after another as
@@ -597,17 +595,6 @@ async fn a_lingering_consumer_gathers_what_arrives_together() {
         };
         let (wide, mut wide_batches) = start("wide", 256);
         let (narrow, mut narrow_batches) = start("narrow", 4);
-        let publish = |i: u64| {
-            let js = js.clone();
-            let subject = subjects.inbound();
-            async move {
-                js.publish(subject, i.to_string().into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        };
         // Both consumers pull before the first message: each arrives on its own.
         chat_tests::eventually("both consumers pulling", || {
             let inbound = inbound.clone();
@@ -623,7 +610,7 @@ async fn a_lingering_consumer_gathers_what_arrives_together() {
         })
         .await;
         for i in 0..COUNT {
-            publish(i).await;
+            accept(&js, &subjects, i).await;
         }
         async fn next(batches: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u64>>) -> Vec<u64> {
             tokio::time::timeout(chat_tests::WAIT, batches.recv())
@@ -644,7 +631,7 @@ async fn a_lingering_consumer_gathers_what_arrives_together() {
         }
         assert_eq!(narrow_seen, (1..=COUNT).collect::<Vec<_>>(), "in order");
 
-        publish(COUNT).await;
+        accept(&js, &subjects, COUNT).await;
         assert_eq!(
             next(&mut wide_batches).await,
             vec![COUNT + 1],

@@ -206,11 +206,7 @@ async fn without_a_router_messages_are_stored_and_delivered_by_the_store() {
         ..Default::default()
     })
     .await;
-    let (a, b) = (env.user("alice").await, env.user("bob").await);
-    let mut ca = env.connect(&a).await;
-    let mut cb = env.connect(&b).await;
-    ca.backlog().await;
-    cb.backlog().await;
+    let ((a, mut ca), (b, mut cb)) = env.online_pair().await;
     let id = ca.send_and_confirm(b.id, "nr-1", "no router here").await;
     assert_eq!(cb.expect_body("no router here").await["msg_id"], id);
     cb.send_json(json!({"type": "ack", "msg_ids": [id]})).await;
@@ -237,11 +233,7 @@ async fn a_retry_after_the_dedup_window_is_neither_stored_nor_announced() {
         ..Default::default()
     })
     .await;
-    let (a, b) = (env.user("alice").await, env.user("bob").await);
-    let mut ca = env.connect(&a).await;
-    let mut cb = env.connect(&b).await;
-    ca.backlog().await;
-    cb.backlog().await;
+    let ((a, mut ca), (b, mut cb)) = env.online_pair().await;
     let first = ca.send_and_confirm(b.id, "late-1", "first try").await;
     assert_eq!(cb.expect_body("first try").await["msg_id"], first);
     let retry = chat_proto::Message {

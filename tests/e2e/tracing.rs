@@ -115,11 +115,7 @@ async fn one_message_is_one_exported_trace_across_the_three_services() {
         ..Default::default()
     })
     .await;
-    let (a, b) = (env.user("alice").await, env.user("bob").await);
-    let mut ca = env.connect(&a).await;
-    let mut cb = env.connect(&b).await;
-    ca.backlog().await;
-    cb.backlog().await;
+    let ((_, mut ca), (b, mut cb)) = env.online_pair().await;
     let id = ca.send_and_confirm(b.id, "t1", "traced").await;
     cb.expect_body("traced").await;
     cb.send_json(serde_json::json!({"type": "ack", "msg_ids": [id]}))

@@ -484,6 +484,15 @@ impl TestEnv {
         self.connect_to(user, 0).await
     }
 
+    /// Alice and Bob, each with a device connected whose backlog has been read.
+    pub async fn online_pair(&self) -> ((User, Client), (User, Client)) {
+        let (a, b) = (self.user("alice").await, self.user("bob").await);
+        let (mut ca, mut cb) = (self.connect(&a).await, self.connect(&b).await);
+        ca.backlog().await;
+        cb.backlog().await;
+        ((a, ca), (b, cb))
+    }
+
     pub async fn connect_to(&self, user: &User, gateway: usize) -> Client {
         Client::connect(&self.ws_url(gateway), user)
             .await
