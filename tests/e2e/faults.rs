@@ -93,6 +93,76 @@ async fn a_store_killed_mid_traffic_loses_and_doubles_nothing() {
     env.finish().await;
 }
 
+/// A message and the recipient's `ack` of it that wait out a store outage together are
+/// written in one batch, messages first: the mark finds its message at once (none is given
+/// back to wait for it), the sender gets its `delivered` receipt, and history says delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_and_its_ack_waiting_out_a_store_outage_are_written_together() {
+    let mut env = TestEnv::start(Options {
+        processes: true,
+        // Ample time for the two to come in one batch however busy the machine is.
+        process_env: vec![("CHAT_STORE_LINGER".into(), "2s".into())],
+        ..Options::default()
+    })
+    .await;
+    let ((a, mut ca), (b, mut cb)) = env.online_pair().await;
+    // While the store answers, the gateway learns that b exists.
+    ca.send_and_confirm(b.id, "c-1", "before").await;
+    cb.expect_body("before").await;
+    let mut store = env.take_store(0);
+    assert!(
+        store.terminate(Duration::from_secs(20)).await.is_some(),
+        "the store stops by itself"
+    );
+
+    let id = ca.send_and_confirm(b.id, "c-2", "during").await;
+    cb.expect_body("during").await;
+    cb.send_json(json!({"type": "ack", "msg_ids": [id]})).await;
+    // Both wait in the store stream: the message's copy and the mark.
+    let nats = async_nats::connect(env.nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    chat_tests::eventually("the message and its mark in the store stream", || {
+        let js = js.clone();
+        let name = env.subjects.store_stream();
+        async move {
+            let mut stream = js.get_stream(name).await.ok()?;
+            (stream.info().await.ok()?.state.messages == 2).then_some(())
+        }
+    })
+    .await;
+
+    store.restart().await;
+    env.put_back(store);
+    let receipt = ca
+        .expect("the delivered receipt", |v| v["type"] == "receipt")
+        .await;
+    assert_eq!(
+        receipt,
+        json!({"type": "receipt", "msg_id": id, "peer": b.id, "status": "delivered"})
+    );
+    let (status, page) = env
+        .get(&a, &format!("/api/v1/conversations/{}/messages", b.id))
+        .await;
+    assert_eq!(status, 200);
+    let during = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["msg_id"] == id);
+    assert_eq!(during.unwrap()["status"], "delivered", "{page}");
+    let metrics = reqwest::get(format!("{}/metrics", env.store_ops_url(0)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("chat_store_marks_early_total"),
+        "a mark waited for its message: {metrics}"
+    );
+    env.finish().await;
+}
+
 /// Scenario 9: undecodable payloads in either stream are dead-lettered (once: by the store,
 /// whose stream also holds the in stream's copy; the router skips them) and terminated, and
 /// traffic goes on.

@@ -46,7 +46,7 @@ async fn every_service_reports_health_readiness_and_metrics() {
             "chat_delivery_latency_seconds_count 1",
             "chat_router_messages_routed_total{path=\"live\"} 1",
             "chat_store_messages_stored_total 1",
-            "chat_db_seconds_count{op=\"persist\"}",
+            "chat_db_seconds_count{op=\"write\"}",
             "chat_redis_seconds_count{op=\"sessions\"}",
             "chat_store_rpc_seconds_count{op=\"backlog\"}",
         ]

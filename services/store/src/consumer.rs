@@ -64,9 +64,7 @@ pub(crate) async fn handle_batch(state: &State, batch: Vec<jetstream::Message>) 
             nats::dead_letter(&state.nats, dead, &msg, "not a valid store work payload").await;
         }
     }
-    // Messages first: a mark in the same batch may name one of them.
-    persist(state, work.persist).await;
-    mark_delivered(state, work.acks).await;
+    write(state, work.persist, work.acks).await;
     for (msg, read) in work.reads {
         mark_read(state, msg, read).await;
     }
@@ -116,24 +114,53 @@ fn backoff(delivered: i64) -> Duration {
     (RETRY_FIRST * 2u32.pow(doublings)).min(RETRY_MAX)
 }
 
-async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>) {
-    if items.is_empty() {
+/// The batch's messages and delivery marks in one transaction (see [`messages::write`]);
+/// then the "stored" notices and the receipts, and each is acked, or given back if it failed
+/// or names a message not stored yet.
+async fn write(
+    state: &State,
+    items: Vec<(jetstream::Message, Uuid, Message)>,
+    marks: Vec<(jetstream::Message, StoreAck)>,
+) {
+    if items.is_empty() && marks.is_empty() {
         return;
     }
     let batch: Vec<(Uuid, Message)> = items.iter().map(|(_, id, m)| (*id, m.clone())).collect();
-    let span = tracing::info_span!("store.write", messages = batch.len());
-    let stored = match ops::timed(DB, "persist", messages::persist(&state.db, &batch))
+    let wanted: Vec<(chat_proto::UserId, Vec<Uuid>)> = marks
+        .iter()
+        .map(|(_, req)| {
+            let ids = req
+                .msg_ids
+                .iter()
+                .filter_map(|id| messages::parse_id(id))
+                .collect();
+            (req.user_id, ids)
+        })
+        .collect();
+    let span = tracing::info_span!("store.write", messages = batch.len(), marks = wanted.len());
+    let written = match ops::timed(DB, "write", messages::write(&state.db, &batch, &wanted))
         .instrument(span)
         .await
     {
-        Ok(s) => s,
+        Ok(written) => written,
         Err(e) => {
-            for (msg, _, _) in &items {
+            let all = items.iter().map(|(msg, _, _)| msg);
+            for msg in all.chain(marks.iter().map(|(msg, _)| msg)) {
                 retry_later(msg, &e).await;
             }
             return;
         }
     };
+    announce_stored(state, items, written.stored).await;
+    announce_delivered(state, marks, written.marked).await;
+}
+
+/// Sends each stored message's "stored" notice, then acks it.
+async fn announce_stored(
+    state: &State,
+    items: Vec<(jetstream::Message, Uuid, Message)>,
+    stored: Vec<bool>,
+) {
     for ((msg, _, mut m), stored) in items.into_iter().zip(stored) {
         let span =
             tracing::info_span!("store.persist", msg_id = %m.msg_id, from = m.from, to = m.to);
@@ -158,12 +185,13 @@ async fn persist(state: &State, items: Vec<(jetstream::Message, Uuid, Message)>)
 }
 
 /// Whether to retry a mark naming messages not stored yet, or give up on it.
-async fn missing(msg: &jetstream::Message, what: &str) {
+async fn missing(msg: &jetstream::Message, what: &'static str) {
     let info = msg.info().ok();
     let delivered = info.as_ref().map_or(1, |i| i.delivered);
     let published = info.map_or(time::OffsetDateTime::UNIX_EPOCH, |i| i.published);
     let age = time::OffsetDateTime::now_utc() - published;
     if age < MARK_PATIENCE {
+        metrics::counter!("chat_store_marks_early_total", "mark" => what).increment(1);
         let _ = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
     } else {
         tracing::warn!(
@@ -174,33 +202,13 @@ async fn missing(msg: &jetstream::Message, what: &str) {
     }
 }
 
-/// All delivery marks of a batch in one go (see [`messages::deliver`]); each mark is then
-/// acked, or given back if it names a message not stored yet.
-async fn mark_delivered(state: &State, marks: Vec<(jetstream::Message, StoreAck)>) {
-    if marks.is_empty() {
-        return;
-    }
-    let wanted: Vec<(chat_proto::UserId, Vec<Uuid>)> = marks
-        .iter()
-        .map(|(_, req)| {
-            let ids = req
-                .msg_ids
-                .iter()
-                .filter_map(|id| messages::parse_id(id))
-                .collect();
-            (req.user_id, ids)
-        })
-        .collect();
-    let outcome = ops::timed(DB, "deliver", messages::deliver(&state.db, &wanted)).await;
-    let marked = match outcome {
-        Ok(marked) => marked,
-        Err(e) => {
-            for (msg, _) in &marks {
-                retry_later(msg, &e).await;
-            }
-            return;
-        }
-    };
+/// Sends each delivery mark's receipts, then acks it, or gives it back if it names a message
+/// not stored yet.
+async fn announce_delivered(
+    state: &State,
+    marks: Vec<(jetstream::Message, StoreAck)>,
+    marked: Vec<messages::Marked>,
+) {
     for ((msg, req), marked) in marks.into_iter().zip(marked) {
         let span = tracing::info_span!("store.delivered", user_id = req.user_id);
         telemetry::extract(msg.headers.as_ref(), &span);

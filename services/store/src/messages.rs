@@ -24,34 +24,22 @@ fn placeholders(n: usize, one: &str) -> String {
     vec![one; n].join(",")
 }
 
-/// Splits a list into runs whose lengths are powers of two (255 → 128, 64, ..., 1), so that a
-/// statement with one placeholder group per item comes in at most nine shapes.
-///
-/// Why: sqlx caches 100 prepared statements per connection and closes the oldest when a new
-/// shape comes. The close has no reply, and sqlx 0.9.0 does not set TCP_NODELAY on its sockets
-/// (sqlx issue #4335), so the statement written right after it waits for the server's delayed
-/// ACK: ~40 ms per batch when every batch size was a statement of its own (measured with
-/// `chat-bench backlog`: 35 ms mean per persist before, see docs/benchmarks.md).
-fn runs<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        if items.is_empty() {
-            return None;
-        }
-        let n = 1 << items.len().ilog2();
-        let (run, rest) = items.split_at(n);
-        items = rest;
-        Some(run)
-    })
-}
-
 /// The most items one list of [`filled_lists`] holds.
 const LIST_MAX: usize = 256;
 
 /// Splits items into lists of up to [`LIST_MAX`], each filled up to a power of two by
-/// repeating its last item: as few statements as there are 256s, in the nine shapes of
-/// [`runs`]. Only for statements where an item twice is the same as once: an `IN (...)` list
-/// of ids, or an upsert whose update keeps the greater value. So a batch's marks take one
-/// SELECT and one UPDATE where runs took up to eight of each.
+/// repeating its last item: as few statements as there are 256s, and a statement with one
+/// placeholder group per item comes in at most nine shapes (1, 2, 4, ..., 256). Only for
+/// statements where an item twice is the same as once: an `IN (...)` list of ids, an insert
+/// that skips a row already there, or an upsert whose update keeps the greater value.
+///
+/// Why the shapes: sqlx caches 100 prepared statements per connection and closes the oldest
+/// when a new shape comes. The close has no reply, and sqlx 0.9.0 does not set TCP_NODELAY on
+/// its sockets (sqlx issue #4335), so the statement written right after it waits for the
+/// server's delayed ACK: ~40 ms per batch when every batch size was a statement of its own
+/// (measured with `chat-bench backlog`: 35 ms mean per persist before, see
+/// docs/benchmarks.md). Why filled rather than cut into power-of-two runs: one statement, one
+/// round trip, where runs took up to eight.
 fn filled_lists<T: Clone>(items: &[T]) -> impl Iterator<Item = Vec<T>> + '_ {
     items.chunks(LIST_MAX).map(|chunk| {
         let mut list = chunk.to_vec();
@@ -61,22 +49,49 @@ fn filled_lists<T: Clone>(items: &[T]) -> impl Iterator<Item = Vec<T>> + '_ {
     })
 }
 
-/// Inserts the messages that are not stored yet and moves each conversation's newest-message
-/// pointer, in one transaction. Returns, for each input, whether a message with its id is
-/// stored now: `false` only when the sender already has another message with that
-/// `client_id` (a retry that came after JetStream's de-dup window), which is not written.
-/// Running it again with the same input changes nothing: redelivery is harmless.
-pub(crate) async fn persist(
+/// What one batch of store work wrote: see [`persist`] and [`deliver`].
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    /// For each message, whether it is stored now.
+    pub(crate) stored: Vec<bool>,
+    /// For each delivery mark, what it found.
+    pub(crate) marked: Vec<Marked>,
+}
+
+/// Writes a batch's messages, then its delivery marks (which may name those messages), in
+/// one transaction: one commit, so one flush of the redo log, for the whole batch. Running it
+/// again with the same input changes nothing but the receipts it reports again. The marks'
+/// read sees the transaction's snapshot (taken by the messages' read-back): a message another
+/// replica commits meanwhile counts as not stored yet, and its mark is retried.
+pub(crate) async fn write(
     db: &DatabaseConnection,
     batch: &[(Uuid, Message)],
-) -> Result<Vec<bool>, Error> {
-    if batch.is_empty() {
-        return Ok(Vec::new());
+    marks: &[(UserId, Vec<Uuid>)],
+) -> Result<Written, Error> {
+    if batch.is_empty() && marks.is_empty() {
+        return Ok(Written::default());
     }
     let txn = db.begin().await?;
-    for run in runs(batch) {
+    let stored = persist(&txn, batch).await?;
+    let marked = deliver(&txn, marks).await?;
+    txn.commit().await?;
+    Ok(Written { stored, marked })
+}
+
+/// Inserts the messages that are not stored yet and moves each conversation's newest-message
+/// pointer. Returns, for each input, whether a message with its id is stored now: `false`
+/// only when the sender already has another message with that `client_id` (a retry that came
+/// after JetStream's de-dup window), which is not written. Running it again with the same
+/// input changes nothing: redelivery is harmless.
+async fn persist(
+    txn: &impl ConnectionTrait,
+    batch: &[(Uuid, Message)],
+) -> Result<Vec<bool>, Error> {
+    // A row twice is inserted once: the second finds the first and changes nothing.
+    let rows: Vec<&(Uuid, Message)> = batch.iter().collect();
+    for run in filled_lists(&rows) {
         let mut values: Vec<Value> = Vec::with_capacity(run.len() * 8);
-        for (id, m) in run {
+        for (id, m) in &run {
             values.extend([
                 (*id).into(),
                 m.from.into(),
@@ -112,7 +127,7 @@ pub(crate) async fn persist(
                 .column(messages::Column::MsgId)
                 .filter(messages::Column::MsgId.is_in(run.iter().copied()))
                 .into_tuple::<Uuid>()
-                .all(&txn)
+                .all(txn)
                 .await?,
         );
     }
@@ -143,7 +158,6 @@ pub(crate) async fn persist(
         ))
         .await?;
     }
-    txn.commit().await?;
     Ok(batch.iter().map(|(id, _)| stored.contains(id)).collect())
 }
 
@@ -157,12 +171,12 @@ pub(crate) struct Marked {
 }
 
 /// Marks, for each `(user, ids)` of a batch of delivery marks, the named messages to `user` as
-/// delivered, with one SELECT and one UPDATE per run of ids for the whole batch (not per mark:
+/// delivered, with one SELECT and one UPDATE per 256 ids for the whole batch (not per mark:
 /// a receiver acks a few ids at a time, so marks outnumber everything else the store does).
 /// Receipts are due for every named message to `user` that is delivered now (one already
 /// read keeps its stronger receipt); a message to someone else is ignored.
-pub(crate) async fn deliver(
-    db: &DatabaseConnection,
+async fn deliver(
+    db: &impl ConnectionTrait,
     marks: &[(UserId, Vec<Uuid>)],
 ) -> Result<Vec<Marked>, Error> {
     let ids: Vec<Uuid> = marks
@@ -411,19 +425,8 @@ pub(crate) async fn peers(db: &DatabaseConnection, user: UserId) -> Result<Vec<U
 
 #[cfg(test)]
 mod tests {
-    use super::{LIST_MAX, filled_lists, runs};
+    use super::{LIST_MAX, filled_lists};
     use uuid::Uuid;
-
-    #[test]
-    fn runs_are_powers_of_two_covering_the_list_in_order() {
-        let items: Vec<u32> = (0..255).collect();
-        let lengths: Vec<usize> = runs(&items).map(<[u32]>::len).collect();
-        assert_eq!(lengths, [128, 64, 32, 16, 8, 4, 2, 1]);
-        let joined: Vec<u32> = runs(&items).flatten().copied().collect();
-        assert_eq!(joined, items);
-        assert_eq!(runs(&items[..64]).count(), 1);
-        assert_eq!(runs::<u32>(&[]).count(), 0);
-    }
 
     #[test]
     fn filled_lists_are_powers_of_two_holding_every_item_in_order() {
