@@ -196,6 +196,24 @@ async fn every_device_gets_the_message_and_the_senders_other_device_a_copy() {
     env.finish().await;
 }
 
+/// The router keeps session counts cached (Redis pushes an invalidation when one changes): a
+/// sender known to have one device, who then connects a second, gets the copy of the next
+/// message on the second device, not only in its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_device_connected_after_it_sent_gets_the_copies_from_then_on() {
+    let env = TestEnv::start_default().await;
+    let ((a, mut a1), (b, mut b1)) = env.online_pair().await;
+    // The router has now looked up (and cached) one session for alice.
+    a1.send_and_confirm(b.id, "c-1", "from one device").await;
+    b1.expect_body("from one device").await;
+    let mut a2 = env.connect(&a).await;
+    a2.backlog().await;
+    let id = a1.send_and_confirm(b.id, "c-2", "now from two").await;
+    assert_eq!(a2.expect_body("now from two").await["msg_id"], id);
+    assert_eq!(b1.expect_body("now from two").await["msg_id"], id);
+    env.finish().await;
+}
+
 /// The store takes messages from the in stream itself (its stream sources it), so with no
 /// router running at all a message is still stored and reaches its online recipient by the
 /// store's notice, and the recipient's `ack` still comes back to the sender as a receipt.

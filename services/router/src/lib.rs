@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chat_proto::Subjects;
 use chat_runtime::{nats, ops};
+use redis::IntoConnectionInfo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -65,11 +66,22 @@ impl App {
             url: config.redis_url.clone(),
             source,
         };
-        let redis = redis::Client::open(config.redis_url.as_str()).map_err(redis_err)?;
+        // RESP3, for the invalidation pushes that keep the cache of session counts true.
+        let info = config
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(redis_err)?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let redis = redis::Client::open(info.set_redis_settings(resp3)).map_err(redis_err)?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1);
+            .set_number_of_retries(1)
+            .set_cache_config(presence::cache_config());
         let redis = redis
             .get_connection_manager_with_config(manager_config)
             .await

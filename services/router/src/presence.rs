@@ -8,6 +8,7 @@
 //! Every change runs as one Lua script, so two routers never both announce one transition.
 //! A set `<ns>:online` holds the users online now, for the `chat_online_users` gauge.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use chat_proto::UserId;
@@ -74,6 +75,24 @@ const REDIS: &str = "chat_redis_seconds";
 
 /// Sessions per script call, so one heartbeat of a large gateway does not block Redis.
 const CHUNK: usize = 500;
+
+/// Session counts are cached in the router (Redis's server-assisted client-side caching over
+/// RESP3): Redis tracks which keys this connection read and pushes an invalidation on it when
+/// one changes, whoever changed it; a reconnection empties the cache.
+/// This takes the Redis round trip off the live path of most messages. Only the counts'
+/// lookups opt in.
+pub(crate) fn cache_config() -> redis::caching::CacheConfig {
+    redis::caching::CacheConfig::new()
+        .set_mode(redis::caching::CacheMode::OptIn)
+        .set_size(CACHE_SIZE)
+        .set_default_client_ttl(CACHE_TTL)
+}
+
+/// Users whose session counts the cache holds at most (least recently used go first).
+const CACHE_SIZE: NonZeroUsize = NonZeroUsize::new(100_000).expect("not zero");
+/// How long a cached count is used at most, invalidated or not: a bound on any staleness the
+/// invalidations miss.
+const CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// Presence operations over one multiplexed Redis connection.
 #[derive(Clone)]
@@ -151,15 +170,19 @@ impl Presence {
         ops::timed(REDIS, "counts", pipe.query_async(&mut self.redis.clone())).await
     }
 
-    /// How many live sessions each user has, in one pipelined round trip.
+    /// How many sessions each user has, in one pipelined round trip for those not cached (see
+    /// [`cache_config`]). A session past its expiry counts until the sweep or the user's next
+    /// heartbeat removes it (within a second): the answer must not depend on the time to be
+    /// cached, and an extra count only costs a push no device receives.
     pub(crate) async fn sessions(&self, users: &[UserId]) -> redis::RedisResult<Vec<i64>> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let now = chat_proto::now_ms();
+        let cached = redis::CommandCacheConfig::new().set_enable_cache(true);
         let mut pipe = redis::pipe();
         for u in users {
-            pipe.zcount(format!("{}sessions:{u}", self.prefix), now + 1, "+inf");
+            pipe.zcard(format!("{}sessions:{u}", self.prefix))
+                .set_cache_config(cached.clone());
         }
         ops::timed(REDIS, "sessions", pipe.query_async(&mut self.redis.clone())).await
     }
