@@ -125,7 +125,7 @@ async fn write(
     if items.is_empty() && marks.is_empty() {
         return;
     }
-    let batch: Vec<(Uuid, Message)> = items.iter().map(|(_, id, m)| (*id, m.clone())).collect();
+    let batch: Vec<(Uuid, &Message)> = items.iter().map(|(_, id, m)| (*id, m)).collect();
     let wanted: Vec<(chat_proto::UserId, Vec<Uuid>)> = marks
         .iter()
         .map(|(_, req)| {

@@ -65,7 +65,7 @@ pub(crate) struct Written {
 /// replica commits meanwhile counts as not stored yet, and its mark is retried.
 pub(crate) async fn write(
     db: &DatabaseConnection,
-    batch: &[(Uuid, Message)],
+    batch: &[(Uuid, &Message)],
     marks: &[(UserId, Vec<Uuid>)],
 ) -> Result<Written, Error> {
     if batch.is_empty() && marks.is_empty() {
@@ -85,11 +85,10 @@ pub(crate) async fn write(
 /// input changes nothing: redelivery is harmless.
 async fn persist(
     txn: &impl ConnectionTrait,
-    batch: &[(Uuid, Message)],
+    batch: &[(Uuid, &Message)],
 ) -> Result<Vec<bool>, Error> {
     // A row twice is inserted once: the second finds the first and changes nothing.
-    let rows: Vec<&(Uuid, Message)> = batch.iter().collect();
-    for run in filled_lists(&rows) {
+    for run in filled_lists(batch) {
         let mut values: Vec<Value> = Vec::with_capacity(run.len() * 8);
         for (id, m) in &run {
             values.extend([
