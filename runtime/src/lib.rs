@@ -1,10 +1,13 @@
 //! The runtime every chat service shares, and nothing else: logging and trace context
-//! ([`telemetry`]), health, readiness and metrics ([`ops`]), NATS connection, streams and JSON request/reply ([`nats`]), the settings
-//! every service reads ([`CommonConfig`]), and the shutdown signal ([`shutdown_signal`]).
+//! ([`telemetry`]), health, readiness and metrics ([`ops`]), NATS connection, streams and JSON
+//! request/reply ([`nats`]), the long-running tasks kept alive together ([`tasks`]), the
+//! settings every service reads ([`CommonConfig`]), and the shutdown signal
+//! ([`shutdown_signal`]).
 //! Business logic never lives here.
 
 pub mod nats;
 pub mod ops;
+pub mod tasks;
 pub mod telemetry;
 
 use chat_proto::Subjects;

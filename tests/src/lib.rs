@@ -99,7 +99,8 @@ impl Default for Options {
 enum Service {
     Task {
         cancel: CancellationToken,
-        task: JoinHandle<()>,
+        /// Its error, if one of its tasks ended before it was stopped.
+        task: JoinHandle<Result<(), String>>,
     },
     Process(Box<Proc>),
     /// Taken out by the test (`take_gateway`).
@@ -112,7 +113,9 @@ impl Service {
         match self {
             Service::Task { cancel, task } => {
                 cancel.cancel();
-                let _ = task.await;
+                if let Ok(Err(e)) = task.await {
+                    panic!("a service failed while the test ran: {e}");
+                }
             }
             Service::Process(p) => {
                 let _ = p.terminate(Duration::from_secs(15)).await;
@@ -545,14 +548,16 @@ impl Drop for TestEnv {
     }
 }
 
-fn spawn<F, Fut>(run: F) -> Service
+fn spawn<F, Fut, E>(run: F) -> Service
 where
     F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
 {
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
-    let task = tokio::spawn(run(Box::pin(async move { stop.cancelled().await })));
+    let run = run(Box::pin(async move { stop.cancelled().await }));
+    let task = tokio::spawn(async move { run.await.map_err(|e| e.to_string()) });
     Service::Task { cancel, task }
 }
 

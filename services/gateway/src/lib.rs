@@ -33,6 +33,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use chat_proto::{Subjects, UserId};
 use chat_runtime::nats;
+use chat_runtime::tasks::Tasks;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::{DefaultMakeSpan, TraceLayer};
@@ -56,6 +57,8 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Stopped(#[from] chat_runtime::tasks::Ended),
 }
 
 /// Shared by every handler and connection; cheap to clone.
@@ -148,7 +151,9 @@ impl App {
 
     /// Serves until `shutdown` resolves; then stops accepting, closes every socket with 1001
     /// (removing its session), and returns once they are closed or the grace period is over.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+    /// The same, and an error, if the HTTP server or the heartbeat ended first (see
+    /// [`chat_runtime::tasks`]).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let state = self.state;
         let routes = Router::new()
             .route("/api/v1/register", post(api::register))
@@ -171,16 +176,11 @@ impl App {
             )
             .with_state(state.clone());
         let every = (state.config.presence_ttl / 3).max(Duration::from_millis(100));
-        let beat = tokio::spawn(sessions::heartbeat(
-            state.clone(),
-            every,
-            state.cancel.clone(),
-        ));
-        let cancel = state.cancel.clone();
-        let stopping = async move {
-            shutdown.await;
-            cancel.cancel();
-        };
+        let mut tasks = Tasks::new(state.cancel.clone());
+        tasks.spawn(
+            "heartbeat",
+            sessions::heartbeat(state.clone(), every, state.cancel.clone()),
+        );
         let service = routes.into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "chat-gateway serving");
         // Frames are small and latency matters: no waiting for Nagle's algorithm.
@@ -189,13 +189,17 @@ impl App {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
-        if let Err(e) = axum::serve(listener, service)
-            .with_graceful_shutdown(stopping)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-        state.cancel.cancel();
+        let stopping = state.cancel.clone().cancelled_owned();
+        tasks.spawn("http", async move {
+            if let Err(e) = axum::serve(listener, service)
+                .with_graceful_shutdown(stopping)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        // Upgraded sockets are not the HTTP server's: they close below, each with 1001.
+        let result = tasks.run_until(shutdown).await;
         state.connections.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, state.connections.wait())
             .await
@@ -203,8 +207,8 @@ impl App {
         {
             tracing::warn!("sockets still open after the grace period");
         }
-        let _ = beat.await;
         let _ = state.nats.flush().await;
+        Ok(result?)
     }
 }
 
@@ -228,11 +232,6 @@ async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Builds and runs a gateway until `shutdown`, printing where it listens.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    let app = App::build(config).await?;
-    app.run_until(shutdown).await;
-    Ok(())
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    App::build(config).await?.run_until(shutdown).await
 }

@@ -1,4 +1,4 @@
-//! Why the router could not start.
+//! Why the router could not start, or stopped.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,4 +16,6 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Stopped(#[from] chat_runtime::tasks::Ended),
 }

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chat_proto::Subjects;
+use chat_runtime::tasks::Tasks;
 use chat_runtime::{nats, ops};
 use redis::IntoConnectionInfo;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 pub use error::Error;
@@ -137,61 +137,77 @@ impl App {
         })
     }
 
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves, then stops pulling, finishes the work in hand and
+    /// returns; an error if one of its tasks ended first (see [`chat_runtime::tasks`]).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        let mut tasks = Tasks::new(cancel.clone());
         let ready = self.readiness();
-        tasks.spawn(ops::serve(self.ops, ready, cancel.clone()));
-        tasks.spawn(ops::report_lag(
-            self.stream,
-            self.state.subjects.router_consumer(),
-            cancel.clone(),
-        ));
+        tasks.spawn("ops", ops::serve(self.ops, ready, cancel.clone()));
+        tasks.spawn(
+            "lag",
+            ops::report_lag(
+                self.stream,
+                self.state.subjects.router_consumer(),
+                cancel.clone(),
+            ),
+        );
         let [up, down, beat, query] = self.subs;
         let s = self.state.clone();
-        tasks.spawn(nats::serve(up, CONCURRENCY, cancel.clone(), move |m| {
-            sessions::up(s.clone(), m)
-        }));
+        tasks.spawn(
+            "presence up",
+            nats::serve(up, CONCURRENCY, cancel.clone(), move |m| {
+                sessions::up(s.clone(), m)
+            }),
+        );
         let s = self.state.clone();
-        tasks.spawn(nats::serve(down, CONCURRENCY, cancel.clone(), move |m| {
-            sessions::down(s.clone(), m)
-        }));
+        tasks.spawn(
+            "presence down",
+            nats::serve(down, CONCURRENCY, cancel.clone(), move |m| {
+                sessions::down(s.clone(), m)
+            }),
+        );
         let s = self.state.clone();
-        tasks.spawn(nats::serve(beat, CONCURRENCY, cancel.clone(), move |m| {
-            sessions::heartbeat(s.clone(), m)
-        }));
+        tasks.spawn(
+            "heartbeats",
+            nats::serve(beat, CONCURRENCY, cancel.clone(), move |m| {
+                sessions::heartbeat(s.clone(), m)
+            }),
+        );
         let s = self.state.clone();
-        tasks.spawn(nats::serve(query, CONCURRENCY, cancel.clone(), move |m| {
-            sessions::query(s.clone(), m)
-        }));
-        tasks.spawn(sessions::sweep(
-            self.state.clone(),
-            self.sweep_every,
-            cancel.clone(),
-        ));
+        tasks.spawn(
+            "presence queries",
+            nats::serve(query, CONCURRENCY, cancel.clone(), move |m| {
+                sessions::query(s.clone(), m)
+            }),
+        );
+        tasks.spawn(
+            "sweep",
+            sessions::sweep(self.state.clone(), self.sweep_every, cancel.clone()),
+        );
         let s = self.state.clone();
-        tasks.spawn(nats::consume(
-            self.consumer,
-            BATCH,
-            // The live push waits on this batch: hand it on at once.
-            Duration::ZERO,
-            cancel.clone(),
-            move |batch| {
-                let s = s.clone();
-                async move { routing::route_batch(&s, batch).await }
-            },
-        ));
+        tasks.spawn(
+            "route",
+            nats::consume(
+                self.consumer,
+                BATCH,
+                // The live push waits on this batch: hand it on at once.
+                Duration::ZERO,
+                cancel.clone(),
+                move |batch| {
+                    let s = s.clone();
+                    async move { routing::route_batch(&s, batch).await }
+                },
+            ),
+        );
         tracing::info!("chat-router serving");
-        shutdown.await;
-        cancel.cancel();
-        tasks.close();
-        tasks.wait().await;
+        let result = tasks.run_until(shutdown).await;
         let _ = self.state.nats.flush().await;
+        Ok(result?)
     }
 }
 
 /// Builds and runs a router until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    App::build(config).await?.run_until(shutdown).await;
-    Ok(())
+    App::build(config).await?.run_until(shutdown).await
 }

@@ -1,4 +1,4 @@
-//! Why the store could not start or could not do a piece of work.
+//! Why the store could not start, could not do a piece of work, or stopped.
 
 use chat_proto::{ErrorBody, ErrorCode};
 
@@ -19,6 +19,8 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Stopped(#[from] chat_runtime::tasks::Ended),
 }
 
 impl Error {

@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use chat_proto::Subjects;
+use chat_runtime::tasks::Tasks;
 use chat_runtime::{nats, ops};
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::{Config, DEFAULT_BATCH_LINGER};
 pub use error::Error;
@@ -105,43 +105,49 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then stops pulling, finishes the work in hand and
-    /// returns.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+    /// returns; an error if one of its tasks ended first (see [`chat_runtime::tasks`]).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        let mut tasks = Tasks::new(cancel.clone());
         let ready = self.readiness();
-        tasks.spawn(ops::serve(self.ops, ready, cancel.clone()));
-        tasks.spawn(ops::report_lag(
-            self.stream,
-            self.state.subjects.store_consumer(),
-            cancel.clone(),
-        ));
-        tasks.spawn(rpc::serve(self.state.clone(), self.rpc, cancel.clone()));
+        tasks.spawn("ops", ops::serve(self.ops, ready, cancel.clone()));
+        tasks.spawn(
+            "lag",
+            ops::report_lag(
+                self.stream,
+                self.state.subjects.store_consumer(),
+                cancel.clone(),
+            ),
+        );
+        tasks.spawn(
+            "requests",
+            rpc::serve(self.state.clone(), self.rpc, cancel.clone()),
+        );
         let state = self.state.clone();
-        tasks.spawn(nats::consume(
-            self.consumer,
-            BATCH,
-            self.linger,
-            cancel.clone(),
-            move |batch| {
-                let state = state.clone();
-                async move { consumer::handle_batch(&state, batch).await }
-            },
-        ));
+        tasks.spawn(
+            "write",
+            nats::consume(
+                self.consumer,
+                BATCH,
+                self.linger,
+                cancel.clone(),
+                move |batch| {
+                    let state = state.clone();
+                    async move { consumer::handle_batch(&state, batch).await }
+                },
+            ),
+        );
         tracing::info!("chat-store serving");
-        shutdown.await;
-        cancel.cancel();
-        tasks.close();
-        tasks.wait().await;
+        let result = tasks.run_until(shutdown).await;
         let _ = self.state.nats.flush().await;
         let _ = self.state.db.close().await;
+        Ok(result?)
     }
 }
 
 /// Builds and runs a store until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    App::build(config).await?.run_until(shutdown).await;
-    Ok(())
+    App::build(config).await?.run_until(shutdown).await
 }
 
 /// Connects to the database and applies pending migrations (`chat-store --migrate-only`).
