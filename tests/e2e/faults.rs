@@ -227,6 +227,64 @@ async fn poison_messages_are_dead_lettered_and_traffic_goes_on() {
     env.finish().await;
 }
 
+/// A gateway whose link to NATS fails for a while keeps its sockets, but what was published
+/// for their users meanwhile is gone (core NATS keeps nothing for a subscriber that is
+/// away): the router's push and the store's notice of a message sent then. Once NATS is back,
+/// each socket catches up from the backlog, so the connected recipient gets the message
+/// without reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_back_from_losing_nats_catches_its_sockets_up() {
+    let mut env = TestEnv::start(Options::default()).await;
+    let link = chat_tests::link::Link::start(
+        env.nats_url()
+            .strip_prefix("nats://")
+            .expect("a nats:// URL"),
+    )
+    .await;
+    let cut_off = env.start_gateway_via(&link.url()).await;
+    let (a, b) = (env.user("alice").await, env.user("bob").await);
+    let mut ca = env.connect(&a).await;
+    let mut cb = env.connect_to(&b, cut_off).await;
+    ca.backlog().await;
+    cb.backlog().await;
+    ca.send_and_confirm(b.id, "before", "before the cut").await;
+    cb.expect_body("before the cut").await;
+
+    link.cut();
+    let ready = format!("{}/readyz", env.base_url(cut_off));
+    chat_tests::eventually("bob's gateway knows NATS is gone", || async {
+        let r = reqwest::get(&ready).await.ok()?;
+        (r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    ca.send_and_confirm(b.id, "during", "while bob's gateway was cut off")
+        .await;
+    // Pushed by the router and stored and announced by the store, both into the void:
+    // both consumers are done with it.
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats_url()).await.unwrap());
+    chat_tests::eventually("router and store done with the message", || async {
+        let mut done = true;
+        for (stream, consumer) in [
+            (env.subjects.in_stream(), env.subjects.router_consumer()),
+            (env.subjects.store_stream(), env.subjects.store_consumer()),
+        ] {
+            let s = js.get_stream(&stream).await.ok()?;
+            let c = s.consumer_info(consumer).await.ok()?;
+            done &= c.num_pending == 0 && c.num_ack_pending == 0;
+        }
+        done.then_some(())
+    })
+    .await;
+
+    link.restore();
+    // The same socket, no reconnect: the catch-up brings it.
+    cb.expect_body("while bob's gateway was cut off").await;
+    // And live traffic goes on as before.
+    ca.send_and_confirm(b.id, "after", "after the cut").await;
+    cb.expect_body("after the cut").await;
+    env.finish().await;
+}
+
 /// Scenarios 3 and 4: `kill -9` a gateway that holds half the senders and recipients; their
 /// clients reconnect to the other gateway, resend what had no `sent` with the same
 /// client_id, and get what they had not acked: nothing lost, nothing doubled.

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod link;
 pub mod procs;
 pub mod servers;
 pub mod traffic;
@@ -360,6 +361,20 @@ impl TestEnv {
             spawn(|stop| app.run_until(stop))
         };
         self.routers.push(service);
+    }
+
+    /// Starts another gateway, in this process, that reaches NATS at `nats_url` (a
+    /// [`link::Link`]'s, say) while the other services use the test's; returns its index.
+    pub async fn start_gateway_via(&mut self, nats_url: &str) -> usize {
+        let mut config = self.gateway_config();
+        config.common.nats_url = nats_url.to_owned();
+        let app = chat_gateway::App::build(config)
+            .await
+            .unwrap_or_else(|e| panic!("gateway does not start: {e}"));
+        let addr = app.local_addr();
+        self.gateways
+            .push((addr, spawn(|stop| app.run_until(stop))));
+        self.gateways.len() - 1
     }
 
     /// Starts another gateway; returns its index.

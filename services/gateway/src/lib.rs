@@ -97,12 +97,16 @@ pub(crate) struct Inner {
     cancel: CancellationToken,
     /// One token per open socket, so shutdown can wait for them.
     connections: TaskTracker,
+    /// Moves each time NATS is back after an outage: every socket then catches up from
+    /// the backlog on what was published for its user meanwhile (and is gone).
+    reconnected: tokio::sync::watch::Receiver<u64>,
 }
 
 /// A gateway with its listener bound, not yet serving.
 pub struct App {
     state: AppState,
     listener: tokio::net::TcpListener,
+    reconnects: nats::Reconnects,
 }
 
 impl App {
@@ -113,7 +117,8 @@ impl App {
             );
         }
         let subjects = config.common.namespace.clone();
-        let client = nats::connect(&config.common.nats_url, "chat-gateway").await?;
+        let (client, reconnects) =
+            nats::connect_watching(&config.common.nats_url, "chat-gateway").await?;
         let js = jetstream::new(client.clone());
         let (in_stream, store_stream) = nats::ensure_streams(&js, &subjects).await?;
         let listener = listen(&config.http_addr)
@@ -137,9 +142,14 @@ impl App {
             sessions: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             connections: TaskTracker::new(),
+            reconnected: reconnects.watch(),
             config,
         }));
-        Ok(App { state, listener })
+        Ok(App {
+            state,
+            listener,
+            reconnects,
+        })
     }
 
     /// Where the server listens (the real port when the config asked for port 0).
@@ -151,8 +161,8 @@ impl App {
 
     /// Serves until `shutdown` resolves; then stops accepting, closes every socket with 1001
     /// (removing its session), and returns once they are closed or the grace period is over.
-    /// The same, and an error, if the HTTP server or the heartbeat ended first (see
-    /// [`chat_runtime::tasks`]).
+    /// The same, and an error, if the HTTP server, the heartbeat or the watch on NATS
+    /// reconnects ended first (see [`chat_runtime::tasks`]).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let state = self.state;
         let routes = Router::new()
@@ -180,6 +190,11 @@ impl App {
         tasks.spawn(
             "heartbeat",
             sessions::heartbeat(state.clone(), every, state.cancel.clone()),
+        );
+        tasks.spawn(
+            "reconnects",
+            self.reconnects
+                .run(state.nats.clone(), state.cancel.clone()),
         );
         let service = routes.into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "chat-gateway serving");

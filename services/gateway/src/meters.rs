@@ -47,3 +47,8 @@ pub(crate) fn delivered_live(accepted_ms: i64) {
 pub(crate) fn replayed() {
     metrics::counter!("chat_gateway_messages_replayed_total").increment(1);
 }
+
+/// A socket catching up from the backlog after NATS came back.
+pub(crate) fn caught_up() {
+    metrics::counter!("chat_gateway_catch_ups_total").increment(1);
+}

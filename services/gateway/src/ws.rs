@@ -46,6 +46,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 const RECENT_IDS: usize = 4096;
 /// Client frames waiting for the sender task before the client is told `rate_limited`.
 const OUTGOING_QUEUE: usize = 256;
+/// The catch-ups of a gateway's sockets after NATS came back start within this time.
+const CATCH_UP_SPREAD: Duration = Duration::from_secs(2);
 /// Longest wait for the socket to take a backlog frame before the client counts as stuck.
 const BACKLOG_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,19 +164,16 @@ async fn run(
         let (out, out_rx) = socket::queue(state.config.outbound_queue);
         let writer = tokio::spawn(socket::write_loop(sink, out_rx));
 
+        // Taken before subscribing: a NATS outage from here on is caught up on (see `serve`).
+        let mut reconnected = state.reconnected.clone();
+        reconnected.mark_unchanged();
         // Boxed: the connect steps' futures are large (the settle queries alone take ~2.6 KiB)
         // and, left inline, would size every connection's task for its whole life.
         let Some(sub) = Box::pin(open(&state, user, &session_id, &out)).await else {
             return finish(writer, out, End::Internal).await;
         };
         // (c) Only then ask for what was waiting.
-        let (backlog_tx, backlog_rx) = mpsc::channel(2);
-        // The replay is a trace of its own (its store requests are its children), linked in
-        // the logs to the connection by user id.
-        let replay = tracing::info_span!(parent: None, "gateway.backlog", user_id = user);
-        let backlog = AbortOnDropHandle::new(tokio::spawn(
-            fetch_backlog(state.clone(), user, backlog_tx).instrument(replay),
-        ));
+        let backlog = backlog_feed(&state, user, Duration::ZERO);
         let rate =
             std::num::NonZeroU32::new(state.config.send_rate.max(1)).expect("max(1) is non-zero");
         let burst =
@@ -193,7 +192,7 @@ async fn run(
         conn.seen.set_grow(true);
         let left = Duration::from_secs(expires)
             .saturating_sub(Duration::from_millis(chat_proto::now_ms() as u64));
-        let end = conn.serve(stream, sub, (backlog_rx, backlog), left).await;
+        let end = conn.serve(stream, sub, backlog, reconnected, left).await;
         tracing::debug!(?end, "connection ends");
 
         if let Some((_, sender)) = conn.outgoing.take() {
@@ -296,6 +295,23 @@ async fn fetch_backlog(state: AppState, user: UserId, tx: mpsc::Sender<BacklogEv
 /// The backlog task's queue, and the task (aborted if the connection ends first).
 type BacklogFeed = (mpsc::Receiver<BacklogEvent>, AbortOnDropHandle<()>);
 
+/// Starts paging through `user`'s backlog after `delay`.
+fn backlog_feed(state: &AppState, user: UserId, delay: Duration) -> BacklogFeed {
+    let (tx, rx) = mpsc::channel(2);
+    // The replay is a trace of its own (its store requests are its children), linked in the
+    // logs to the connection by user id.
+    let replay = tracing::info_span!(parent: None, "gateway.backlog", user_id = user);
+    let fetch = fetch_backlog(state.clone(), user, tx);
+    let task = tokio::spawn(
+        async move {
+            tokio::time::sleep(delay).await;
+            fetch.await;
+        }
+        .instrument(replay),
+    );
+    (rx, AbortOnDropHandle::new(task))
+}
+
 /// The backlog task's next event; never, once the backlog is done.
 async fn next_page(backlog: &mut Option<BacklogFeed>) -> Option<BacklogEvent> {
     match backlog {
@@ -319,6 +335,7 @@ impl Connection {
         mut stream: SplitStream<WebSocket>,
         mut sub: async_nats::Subscriber,
         backlog: BacklogFeed,
+        mut reconnected: tokio::sync::watch::Receiver<u64>,
         token_left: Duration,
     ) -> End {
         // Dropped once the backlog is done: an idle connection keeps no queue for it, nor
@@ -354,6 +371,18 @@ impl Connection {
                     }
                     None => Err(End::Internal),
                 },
+                // NATS was away: what was published for this user meanwhile is gone. What
+                // of it matters, messages not yet delivered, comes from the backlog again
+                // (the subscription is back in effect first, so nothing falls between);
+                // this socket already has most of it and drops those by id.
+                // Every socket of the gateway does so at once: spread over a moment, so the
+                // store gets no burst of thousands of queries.
+                Ok(()) = reconnected.changed() => {
+                    meters::caught_up();
+                    let delay = CATCH_UP_SPREAD.mul_f64(rand::random::<f64>());
+                    backlog = Some(backlog_feed(&self.state, self.user, delay));
+                    Ok(())
+                }
                 _ = ping.tick() => {
                     if self.last_heard.elapsed() > SILENCE_LIMIT {
                         Err(End::Silent)
@@ -527,11 +556,16 @@ impl Connection {
         Ok(())
     }
 
+    /// The end of the connect's backlog: `backlog_done`, then what was held meanwhile. The
+    /// end of a catch-up after a NATS outage says nothing: the client had its
+    /// `backlog_done`.
     fn backlog_done(&mut self) -> Result<(), End> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
         self.push_frame(ServerFrame::BacklogDone {
             count: self.replayed,
         })?;
-        let held = self.held.take().unwrap_or_default();
         for event in held {
             self.on_event(event)?;
         }
