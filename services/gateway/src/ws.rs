@@ -367,7 +367,7 @@ impl Connection {
                     Some(BacklogEvent::Page(messages)) => Box::pin(self.replay(messages)).await,
                     Some(BacklogEvent::Done) => {
                         backlog = None;
-                        self.backlog_done()
+                        Box::pin(self.backlog_done()).await
                     }
                     None => Err(End::Internal),
                 },
@@ -493,23 +493,29 @@ impl Connection {
             held.push(event);
             return Ok(());
         }
+        match self.event_frame(event) {
+            Some((frame, span)) => span.in_scope(|| self.push(frame)),
+            None => Ok(()),
+        }
+    }
+
+    /// The frame an event becomes on this socket, with the span of its push; `None` when it
+    /// cannot be read or is a message this connection already has.
+    fn event_frame(&mut self, event: async_nats::Message) -> Option<(WsMessage, tracing::Span)> {
         let head: EventHead = match serde_json::from_slice(&event.payload) {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable user event");
-                return Ok(());
+                return None;
             }
         };
-        if head.kind == "message" {
-            let Some(id) = head
+        let span = if head.kind == "message" {
+            let id = head
                 .msg_id
                 .as_deref()
-                .and_then(|id| Uuid::try_parse(id).ok())
-            else {
-                return Ok(());
-            };
+                .and_then(|id| Uuid::try_parse(id).ok())?;
             if !self.seen.insert(id) {
-                return Ok(());
+                return None;
             }
             if let (Some(ts), Some(to)) = (head.ts, head.to)
                 && to == self.user
@@ -520,18 +526,13 @@ impl Connection {
             // the router or store sent along.
             let span = tracing::info_span!(parent: None, "gateway.push", msg_id = %id, user_id = self.user);
             telemetry::extract(event.headers.as_ref(), &span);
-            let _entered = span.enter();
-            return self.push_event(&head.kind, event.payload);
-        }
-        self.push_event(&head.kind, event.payload)
-    }
-
-    fn push_event(&self, kind: &str, payload: Bytes) -> Result<(), End> {
-        meters::frame_out_kind(meters::event_kind(kind));
-        match Utf8Bytes::try_from(payload) {
-            Ok(t) => self.push(WsMessage::Text(t)),
-            Err(_) => Ok(()),
-        }
+            span
+        } else {
+            tracing::Span::none()
+        };
+        meters::frame_out_kind(meters::event_kind(&head.kind));
+        let text = Utf8Bytes::try_from(event.payload).ok()?;
+        Some((WsMessage::Text(text), span))
     }
 
     async fn replay(&mut self, messages: Vec<chat_proto::Message>) -> Result<(), End> {
@@ -545,13 +546,8 @@ impl Connection {
             self.replayed += 1;
             meters::replayed();
             meters::frame_out_kind("message");
-            // Backlog frames wait for room in the queue: a long backlog is not a slow reader.
-            let frame = text(ServerFrame::Message(m).to_json());
-            match tokio::time::timeout(BACKLOG_WRITE_TIMEOUT, self.out.send_async(frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(End::ClientGone),
-                Err(_) => return Err(End::SlowReader),
-            }
+            self.push_waiting(text(ServerFrame::Message(m).to_json()))
+                .await?;
         }
         Ok(())
     }
@@ -559,18 +555,34 @@ impl Connection {
     /// The end of the connect's backlog: `backlog_done`, then what was held meanwhile. The
     /// end of a catch-up after a NATS outage says nothing: the client had its
     /// `backlog_done`.
-    fn backlog_done(&mut self) -> Result<(), End> {
+    async fn backlog_done(&mut self) -> Result<(), End> {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
-        self.push_frame(ServerFrame::BacklogDone {
+        let done = ServerFrame::BacklogDone {
             count: self.replayed,
-        })?;
+        };
+        meters::frame_out(&done);
+        // These wait for room too: the replay's last frames may just have filled the queue.
+        self.push_waiting(text(done.to_json())).await?;
         for event in held {
-            self.on_event(event)?;
+            if let Some((frame, span)) = self.event_frame(event) {
+                self.push_waiting(frame).instrument(span).await?;
+            }
         }
         self.seen.set_grow(false);
         Ok(())
+    }
+
+    /// Queues a frame of the backlog (or of what was held while it replayed), waiting for
+    /// room in the queue: a client reading a long backlog is not a slow reader unless the
+    /// socket takes nothing for `BACKLOG_WRITE_TIMEOUT`.
+    async fn push_waiting(&self, msg: WsMessage) -> Result<(), End> {
+        match tokio::time::timeout(BACKLOG_WRITE_TIMEOUT, self.out.send_async(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => Err(End::SlowReader),
+        }
     }
 }
 
