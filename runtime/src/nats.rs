@@ -42,37 +42,32 @@ pub enum Error {
 /// started against a wrong URL says so in one line. After the first connection the client
 /// reconnects by itself for ever.
 pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
-    options(name)
-        .connect(url)
-        .await
-        .map_err(|source| Error::Connect {
-            url: url.to_owned(),
-            source,
-        })
+    connect_with(options(name), url).await
 }
 
 /// Like [`connect`], and tells when the client got its server back after losing it: see
 /// [`Reconnects`].
 pub async fn connect_watching(url: &str, name: &str) -> Result<(Client, Reconnects), Error> {
     let (connected_tx, connected) = tokio::sync::mpsc::unbounded_channel();
-    let client = options(name)
-        .event_callback(move |event| {
-            let connected_tx = connected_tx.clone();
-            async move {
-                tracing::info!(%event, "NATS connection");
-                if matches!(event, async_nats::Event::Connected) {
-                    let _ = connected_tx.send(());
-                }
+    let options = options(name).event_callback(move |event| {
+        let connected_tx = connected_tx.clone();
+        async move {
+            tracing::info!(%event, "NATS connection");
+            if matches!(event, async_nats::Event::Connected) {
+                let _ = connected_tx.send(());
             }
-        })
-        .connect(url)
-        .await
-        .map_err(|source| Error::Connect {
-            url: url.to_owned(),
-            source,
-        })?;
+        }
+    });
+    let client = connect_with(options, url).await?;
     let (count, _) = tokio::sync::watch::channel(0);
     Ok((client, Reconnects { connected, count }))
+}
+
+async fn connect_with(options: async_nats::ConnectOptions, url: &str) -> Result<Client, Error> {
+    options.connect(url).await.map_err(|source| Error::Connect {
+        url: url.to_owned(),
+        source,
+    })
 }
 
 fn options(name: &str) -> async_nats::ConnectOptions {

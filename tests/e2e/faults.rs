@@ -211,19 +211,7 @@ async fn poison_messages_are_dead_lettered_and_traffic_goes_on() {
     cb.send_json(json!({"type": "ping"})).await;
     cb.expect_type("pong").await;
     // Terminated, not waiting for redelivery: both consumers have nothing left to do.
-    chat_tests::eventually("consumers done", || async {
-        let mut done = true;
-        for (stream, consumer) in [
-            (env.subjects.in_stream(), env.subjects.router_consumer()),
-            (env.subjects.store_stream(), env.subjects.store_consumer()),
-        ] {
-            let s = js.get_stream(&stream).await.ok()?;
-            let c = s.consumer_info(consumer).await.ok()?;
-            done &= c.num_pending == 0 && c.num_ack_pending == 0;
-        }
-        done.then_some(())
-    })
-    .await;
+    env.consumers_done().await;
     env.finish().await;
 }
 
@@ -261,20 +249,7 @@ async fn a_gateway_back_from_losing_nats_catches_its_sockets_up() {
         .await;
     // Pushed by the router and stored and announced by the store, both into the void:
     // both consumers are done with it.
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats_url()).await.unwrap());
-    chat_tests::eventually("router and store done with the message", || async {
-        let mut done = true;
-        for (stream, consumer) in [
-            (env.subjects.in_stream(), env.subjects.router_consumer()),
-            (env.subjects.store_stream(), env.subjects.store_consumer()),
-        ] {
-            let s = js.get_stream(&stream).await.ok()?;
-            let c = s.consumer_info(consumer).await.ok()?;
-            done &= c.num_pending == 0 && c.num_ack_pending == 0;
-        }
-        done.then_some(())
-    })
-    .await;
+    env.consumers_done().await;
 
     link.restore();
     // The same socket, no reconnect: the catch-up brings it.

@@ -363,6 +363,34 @@ impl TestEnv {
         self.routers.push(service);
     }
 
+    /// Waits until the router's and the store's consumers have nothing pending and nothing
+    /// unacked: whatever was sent has been routed, written and announced (or terminated).
+    pub async fn consumers_done(&self) {
+        let nats = async_nats::connect(self.nats_url())
+            .await
+            .expect("NATS answers");
+        let js = async_nats::jetstream::new(nats);
+        eventually("router and store consumers done", || async {
+            for (stream, consumer) in [
+                (self.subjects.in_stream(), self.subjects.router_consumer()),
+                (self.subjects.store_stream(), self.subjects.store_consumer()),
+            ] {
+                let c = js
+                    .get_stream(&stream)
+                    .await
+                    .ok()?
+                    .consumer_info(consumer)
+                    .await
+                    .ok()?;
+                if c.num_pending > 0 || c.num_ack_pending > 0 {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+
     /// Starts another gateway, in this process, that reaches NATS at `nats_url` (a
     /// [`link::Link`]'s, say) while the other services use the test's; returns its index.
     pub async fn start_gateway_via(&mut self, nats_url: &str) -> usize {
