@@ -2,16 +2,19 @@
 //! durable pull consumers and the loop that feeds them to a handler in batches, and JSON
 //! request/reply carrying the trace context.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, HeaderMap};
 use chat_proto::envelope::Reply;
 use chat_proto::{ErrorBody, Subjects};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry;
@@ -261,13 +264,13 @@ pub async fn durable_consumer(
         })
 }
 
-/// How long one pull request stays open at the server. Each is renewed when it ends, so a
-/// request lost to a NATS restart is replaced within this (plus [`PULL_MARGIN`]), and a
-/// stopping service drains for at most as long.
+/// How long one pull request stays open at the server. A new one is made while the newest
+/// is still open (see [`Pulls`]), so one lost to a NATS restart is replaced within about
+/// this long, and a stopping service drains for at most this plus [`PULL_MARGIN`].
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long after a pull's expiry its messages may still be on their way. A pull is given up
 /// this long after its expiry whether or not the server said it ended (NATS 2.9.10 often
-/// does not: docs/benchmarks.md ⁴), so live delivery stalls for at most this long then.
+/// does not: docs/benchmarks.md ⁴).
 const PULL_MARGIN: Duration = Duration::from_secs(1);
 /// Messages one pull request asks for; they are handed on in chunks as they arrive.
 const PULL_MAX: usize = 2000;
@@ -279,11 +282,14 @@ const PULL_MAX: usize = 2000;
 /// for more to join it: fewer, larger batches (one transaction each in the store) for that
 /// much more delay. Zero hands on at once what has arrived.
 ///
-/// Pull requests are short-lived and renewed (rather than one endless `messages()` stream),
-/// and each is over [`PULL_MARGIN`] after its expiry, announced or not: after NATS restarts,
-/// the consumer is pulling again within seconds. This loop only ends on cancellation.
+/// Pull requests are short-lived and overlap (rather than one endless `messages()` stream):
+/// the next is made while the newest is half spent, so the server always has one waiting,
+/// even when it ends a pull without saying so (NATS 2.9.10 often sends no 408 for a pull
+/// that expired after delivering something; waiting for its end stalled delivery for the
+/// margin, a second, until the next pull). After NATS restarts, the consumer is pulling
+/// again within seconds. This loop only ends on cancellation.
 ///
-/// Cancellation drains: no new pull is made, and what the current one brings until it ends
+/// Cancellation drains: no new pull is made, and what the open ones bring until they end
 /// (within `PULL_EXPIRES` + `PULL_MARGIN`) is handled. JetStream counts every message a pull
 /// brought as delivered to this replica, so one dropped unhandled would reach another
 /// replica only after the ack wait. Naking those instead falls short on NATS 2.9.10: the
@@ -299,87 +305,155 @@ pub async fn consume<F, Fut>(
     F: FnMut(Vec<jetstream::Message>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    let mut pulls = Pulls::default();
     let mut backoff = Duration::from_millis(100);
-    while !cancel.is_cancelled() {
-        // The server ends a pull `PULL_EXPIRES` after it gets it; by this deadline all it
-        // delivered has arrived.
-        let deadline = tokio::time::Instant::now() + PULL_EXPIRES + PULL_MARGIN;
-        let pull = consumer
-            .batch()
-            .max_messages(PULL_MAX)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut chunks = match pull {
-            Ok(m) => m.ready_chunks(batch),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot pull from JetStream; retrying");
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+    let mut retry_at = Instant::now();
+    loop {
+        let stopping = cancel.is_cancelled();
+        let now = Instant::now();
+        if !stopping && now >= retry_at && pulls.renew_at().is_none_or(|at| at <= now) {
+            let pull = consumer
+                .batch()
+                .max_messages(PULL_MAX)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            match pull {
+                Ok(messages) => {
+                    pulls.open(messages);
+                    backoff = Duration::from_millis(100);
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        // Not interrupted by `cancel`: a pull ends by itself.
-        let mut past_deadline = false;
-        loop {
-            let next = if past_deadline {
-                // Only what has arrived already.
-                chunks.next().now_or_never().flatten()
-            } else {
-                match tokio::time::timeout_at(deadline, chunks.next()).await {
-                    Ok(next) => next,
-                    // Ended unannounced: NATS 2.9.10 often sends no 408 for a pull that
-                    // expired after delivering something, and a pull lost to a NATS restart
-                    // says nothing at all. Take what has arrived, then pull again.
-                    Err(_) => {
-                        past_deadline = true;
-                        tracing::debug!("a pull ended unannounced");
-                        continue;
-                    }
-                }
-            };
-            // `None`: the request ended (expired or full), or nothing more has arrived.
-            let Some(items) = next else { break };
-            let mut ready = Vec::with_capacity(items.len());
-            keep_delivered(items, &mut ready);
-            if !linger.is_zero() && !past_deadline {
-                // More may join until the linger is over; the pull's end comes first.
-                let until = (tokio::time::Instant::now() + linger).min(deadline);
-                while ready.len() < batch {
-                    match tokio::time::timeout_at(until, chunks.next()).await {
-                        Ok(Some(more)) => keep_delivered(more, &mut ready),
-                        Ok(None) | Err(_) => break,
-                    }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull from JetStream; retrying");
+                    retry_at = now + backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            if ready.is_empty() {
-                continue;
-            }
-            backoff = Duration::from_millis(100);
-            // A chunk that joined last may have taken the batch over its size.
-            while ready.len() > batch {
-                let rest = ready.split_off(batch);
-                handle(ready).await;
-                ready = rest;
-            }
-            handle(ready).await;
         }
+        if stopping && pulls.is_empty() {
+            return;
+        }
+        let renew = pulls.renew_at().map_or(retry_at, |at| at.max(retry_at));
+        let over = pulls.over_at();
+        let mut ready = tokio::select! {
+            biased;
+            ready = pulls.ready(batch) => ready,
+            () = cancel.cancelled(), if !stopping => continue,
+            () = tokio::time::sleep_until(renew), if !stopping => continue,
+            () = tokio::time::sleep_until(over.unwrap_or(now)), if over.is_some() => continue,
+        };
+        if ready.is_empty() {
+            continue;
+        }
+        if !linger.is_zero() {
+            // More may join until the linger is over.
+            let until = Instant::now() + linger;
+            while ready.len() < batch {
+                match tokio::time::timeout_at(until, pulls.ready(batch - ready.len())).await {
+                    Ok(more) => ready.extend(more),
+                    Err(_) => break,
+                }
+            }
+        }
+        handle(ready).await;
     }
 }
 
-/// Moves the messages a pull delivered into `ready`; an error in between is only logged (the
-/// pull goes on, or ends and is renewed).
-fn keep_delivered<E: std::fmt::Display>(
-    items: Vec<Result<jetstream::Message, E>>,
-    ready: &mut Vec<jetstream::Message>,
-) {
-    for item in items {
-        match item {
-            Ok(m) => ready.push(m),
-            Err(e) => tracing::warn!(error = %e, "JetStream pull interrupted"),
+/// The pull requests a consumer has open, oldest first: the server serves them in that
+/// order, so messages are handed on in stream order.
+#[derive(Default)]
+struct Pulls {
+    open: VecDeque<Pull>,
+}
+
+struct Pull {
+    messages: consumer::pull::Batch,
+    made: Instant,
+    received: usize,
+}
+
+impl Pulls {
+    fn open(&mut self, messages: consumer::pull::Batch) {
+        self.open.push_back(Pull {
+            messages,
+            made: Instant::now(),
+            received: 0,
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// When the next pull is due: once the newest is half spent, by time or by count, so
+    /// that one is always waiting at the server (at most three are open: one lives
+    /// `PULL_EXPIRES` + `PULL_MARGIN`, and one is made every `PULL_EXPIRES / 2` at most
+    /// often while none fills up). `None` when none is open: at once.
+    fn renew_at(&self) -> Option<Instant> {
+        let newest = self.open.back()?;
+        Some(if newest.received >= PULL_MAX / 2 {
+            newest.made
+        } else {
+            newest.made + PULL_EXPIRES / 2
+        })
+    }
+
+    /// When the oldest pull is over whatever the server said: by then all it delivered has
+    /// arrived.
+    fn over_at(&self) -> Option<Instant> {
+        self.open
+            .front()
+            .map(|oldest| oldest.made + PULL_EXPIRES + PULL_MARGIN)
+    }
+
+    /// Up to `max` messages that have arrived, from the oldest pull first. Empty when a pull
+    /// ended and none arrived; waits while neither happens.
+    async fn ready(&mut self, max: usize) -> Vec<jetstream::Message> {
+        std::future::poll_fn(|cx| self.poll_ready(cx, max)).await
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<Vec<jetstream::Message>> {
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let mut ended = false;
+        let mut i = 0;
+        while i < self.open.len() && ready.len() < max {
+            let pull = &mut self.open[i];
+            let over = loop {
+                if ready.len() >= max {
+                    break false;
+                }
+                match pull.messages.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(m))) => {
+                        pull.received += 1;
+                        ready.push(m);
+                    }
+                    // The pull goes on, or ends and another is made.
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "JetStream pull interrupted");
+                    }
+                    Poll::Ready(None) => break true,
+                    // Ended unannounced (NATS 2.9.10 often sends no 408 for a pull that
+                    // expired after delivering something; a pull lost to a NATS restart
+                    // says nothing at all): what had arrived is taken above.
+                    Poll::Pending if now >= pull.made + PULL_EXPIRES + PULL_MARGIN => {
+                        tracing::debug!("a pull ended unannounced");
+                        break true;
+                    }
+                    Poll::Pending => break false,
+                }
+            };
+            if over {
+                self.open.remove(i);
+                ended = true;
+            } else {
+                i += 1;
+            }
+        }
+        if ready.is_empty() && !ended {
+            Poll::Pending
+        } else {
+            Poll::Ready(ready)
         }
     }
 }
