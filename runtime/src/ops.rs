@@ -143,7 +143,7 @@ pub async fn timed<F: Future>(metric: &'static str, op: &'static str, fut: F) ->
 /// Publishes how far `consumer` of `stream` is behind (messages not yet delivered plus those
 /// delivered and not yet acked) as the gauge `chat_consumer_lag{consumer}`, every few
 /// seconds until `cancel` fires.
-pub async fn report_lag(
+async fn report_lag(
     stream: async_nats::jetstream::stream::Stream,
     consumer: &'static str,
     cancel: CancellationToken,
@@ -161,8 +161,22 @@ pub async fn report_lag(
     }
 }
 
+/// Starts the two operations tasks of a service that consumes a stream: the operations port
+/// on `listener` ("ops") and the lag gauge of its `consumer` of `stream` ("lag").
+pub fn spawn_for_consumer(
+    tasks: &mut crate::tasks::Tasks,
+    listener: tokio::net::TcpListener,
+    ready: Readiness,
+    stream: async_nats::jetstream::stream::Stream,
+    consumer: &'static str,
+    cancel: &CancellationToken,
+) {
+    tasks.spawn("ops", serve(listener, ready, cancel.clone()));
+    tasks.spawn("lag", report_lag(stream, consumer, cancel.clone()));
+}
+
 /// Serves [`routes`] on `listener` until `cancel` fires.
-pub async fn serve(listener: tokio::net::TcpListener, ready: Readiness, cancel: CancellationToken) {
+async fn serve(listener: tokio::net::TcpListener, ready: Readiness, cancel: CancellationToken) {
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())

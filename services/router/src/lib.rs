@@ -143,15 +143,8 @@ impl App {
         let cancel = CancellationToken::new();
         let mut tasks = Tasks::new(cancel.clone());
         let ready = self.readiness();
-        tasks.spawn("ops", ops::serve(self.ops, ready, cancel.clone()));
-        tasks.spawn(
-            "lag",
-            ops::report_lag(
-                self.stream,
-                self.state.subjects.router_consumer(),
-                cancel.clone(),
-            ),
-        );
+        let consumer = self.state.subjects.router_consumer();
+        ops::spawn_for_consumer(&mut tasks, self.ops, ready, self.stream, consumer, &cancel);
         let [up, down, beat, query] = self.subs;
         let s = self.state.clone();
         tasks.spawn(
