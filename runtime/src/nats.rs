@@ -28,6 +28,15 @@ use crate::telemetry;
 /// stream still holds, so a retry across a NATS restart is still recognised.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
 
+/// The store stream's de-dup window: one second (0 would mean JetStream's default of two
+/// minutes), because the stream has nothing to de-duplicate. What it holds is either the in stream's copy (each
+/// message already de-duplicated there, and written once by the store however often it comes)
+/// or a delivery or read mark (published without an id; applying one twice changes nothing).
+/// JetStream still remembers the `Nats-Msg-Id` every copy carries for the window: at
+/// [`DEDUP_WINDOW`] that was a second map as large as the in stream's, ~200 bytes of
+/// nats-server memory per message of the last 10 minutes (docs/benchmarks.md).
+pub const STORE_DEDUP_WINDOW: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot reach NATS at {url}: {source}")]
@@ -134,8 +143,10 @@ pub async fn ensure_streams(
         ..stream_defaults()
     };
     Ok((
-        ensure_stream(js, inbound).await?,
-        ensure_stream(js, store_config(subjects)).await?,
+        ensure_stream(js, inbound, Dedup::Checked).await?,
+        // An older version made it with the in stream's window; the store updates it
+        // (`upgrade_store_stream`), and until then it works as it is.
+        ensure_stream(js, store_config(subjects), Dedup::Unchecked).await?,
     ))
 }
 
@@ -148,17 +159,18 @@ fn store_config(subjects: &Subjects) -> stream::Config {
             name: subjects.in_stream(),
             ..Default::default()
         }]),
+        duplicate_window: STORE_DEDUP_WINDOW,
         ..stream_defaults()
     }
 }
 
-/// Gives a store stream made by an older version, whose routers copied messages into it
-/// themselves, the in stream as its source. Only the store calls it, at start: an older store
-/// would dead-letter the copies (it does not know their subject), so an upgrade stops every
-/// older store before a new one starts (docs/operations.md). The copying starts at the in
-/// stream's oldest message, which the store may have written already; it writes each message
-/// once however often it comes.
-pub async fn ensure_store_source(
+/// Brings a store stream an older version made up to date: the in stream as its source (the
+/// routers once copied messages into it themselves) and [`STORE_DEDUP_WINDOW`]. Only the store
+/// calls it, at start: an older store would dead-letter the copies (it does not know their
+/// subject), so an upgrade stops every older store before a new one starts
+/// (docs/operations.md). The copying starts at the in stream's oldest message, which the
+/// store may have written already; it writes each message once however often it comes.
+pub async fn upgrade_store_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
     store: &mut stream::Stream,
@@ -176,13 +188,14 @@ pub async fn ensure_store_source(
         .flatten()
         .map(|s| s.name.as_str())
         .collect();
-    if sources == [subjects.in_stream().as_str()] {
+    let window = info.config.duplicate_window;
+    if sources == [subjects.in_stream().as_str()] && window == STORE_DEDUP_WINDOW {
         return Ok(());
     }
-    tracing::warn!(stream = %name, ?sources, "the store stream does not source the in stream (an older version made it); adding the source");
+    tracing::warn!(stream = %name, ?sources, ?window, "the store stream an older version made: sourcing the in stream, de-dup window {STORE_DEDUP_WINDOW:?}");
     js.update_stream(store_config(subjects))
         .await
-        .map_err(|e| fail(format!("cannot make it source the in stream: {e}")))?;
+        .map_err(|e| fail(format!("cannot bring it up to date: {e}")))?;
     Ok(())
 }
 
@@ -194,9 +207,17 @@ fn stream_defaults() -> stream::Config {
     }
 }
 
+/// Whether an existing stream's de-dup window must be the wanted one.
+#[derive(Clone, Copy, PartialEq)]
+enum Dedup {
+    Checked,
+    Unchecked,
+}
+
 async fn ensure_stream(
     js: &jetstream::Context,
     wanted: stream::Config,
+    dedup: Dedup,
 ) -> Result<stream::Stream, Error> {
     let name = wanted.name.clone();
     let fail = |message: String| Error::Stream {
@@ -220,7 +241,7 @@ async fn ensure_stream(
         || got.storage != wanted.storage
         || got.retention != wanted.retention
         || got.max_age != wanted.max_age
-        || got.duplicate_window != wanted.duplicate_window
+        || (dedup == Dedup::Checked && got.duplicate_window != wanted.duplicate_window)
     {
         return Err(fail(format!(
             "exists with subjects {:?}, {:?} storage, {:?} retention, max age {:?}, de-dup window {:?}; \

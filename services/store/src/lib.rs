@@ -68,7 +68,7 @@ impl App {
         db::migrate(&db).await?;
         let js = jetstream::new(client.clone());
         let (_, mut store_stream) = nats::ensure_streams(&js, &subjects).await?;
-        nats::ensure_store_source(&js, &subjects, &mut store_stream).await?;
+        nats::upgrade_store_stream(&js, &subjects, &mut store_stream).await?;
         let consumer =
             nats::durable_consumer(&store_stream, subjects.store_consumer(), config.ack_wait)
                 .await?;
