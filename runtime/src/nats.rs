@@ -29,12 +29,12 @@ use crate::telemetry;
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 /// The store stream's de-dup window: one second (0 would mean JetStream's default of two
-/// minutes), because the stream has nothing to de-duplicate. What it holds is either the in stream's copy (each
-/// message already de-duplicated there, and written once by the store however often it comes)
-/// or a delivery or read mark (published without an id; applying one twice changes nothing).
-/// JetStream still remembers the `Nats-Msg-Id` every copy carries for the window: at
-/// [`DEDUP_WINDOW`] that was a second map as large as the in stream's, ~200 bytes of
-/// nats-server memory per message of the last 10 minutes (docs/benchmarks.md).
+/// minutes), because the stream has nothing to de-duplicate. What it holds is either the in
+/// stream's copy (each message already de-duplicated there, and written once by the store
+/// however often it comes) or a delivery or read mark (published without an id; applying one
+/// twice changes nothing). JetStream still remembers the `Nats-Msg-Id` every copy carries for
+/// the window: at [`DEDUP_WINDOW`] that was a second map as large as the in stream's, ~200
+/// bytes of nats-server memory per message of the last 10 minutes (docs/benchmarks.md).
 pub const STORE_DEDUP_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -170,17 +170,15 @@ fn store_config(subjects: &Subjects) -> stream::Config {
 /// subject), so an upgrade stops every older store before a new one starts
 /// (docs/operations.md). The copying starts at the in stream's oldest message, which the
 /// store may have written already; it writes each message once however often it comes.
+///
+/// `store` is the stream as [`ensure_streams`] returned it: its settings as read there.
 pub async fn upgrade_store_stream(
     js: &jetstream::Context,
     subjects: &Subjects,
-    store: &mut stream::Stream,
+    store: &stream::Stream,
 ) -> Result<(), Error> {
     let name = subjects.store_stream();
-    let fail = |message: String| Error::Stream {
-        name: name.clone(),
-        message,
-    };
-    let info = store.info().await.map_err(|e| fail(e.to_string()))?;
+    let info = store.cached_info();
     let sources: Vec<&str> = info
         .config
         .sources
@@ -195,7 +193,10 @@ pub async fn upgrade_store_stream(
     tracing::warn!(stream = %name, ?sources, ?window, "the store stream an older version made: sourcing the in stream, de-dup window {STORE_DEDUP_WINDOW:?}");
     js.update_stream(store_config(subjects))
         .await
-        .map_err(|e| fail(format!("cannot bring it up to date: {e}")))?;
+        .map_err(|e| Error::Stream {
+            name,
+            message: format!("cannot bring it up to date: {e}"),
+        })?;
     Ok(())
 }
 

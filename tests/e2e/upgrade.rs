@@ -83,10 +83,10 @@ async fn upgrade_after_one_message(js: &jetstream::Context, subjects: &Subjects)
         .unwrap()
         .await
         .unwrap();
-    let (_, mut store) = chat_runtime::nats::ensure_streams(js, subjects)
+    let (_, store) = chat_runtime::nats::ensure_streams(js, subjects)
         .await
         .unwrap();
-    chat_runtime::nats::upgrade_store_stream(js, subjects, &mut store)
+    chat_runtime::nats::upgrade_store_stream(js, subjects, &store)
         .await
         .unwrap();
     chat_tests::eventually("the accepted message in the store stream", || async {

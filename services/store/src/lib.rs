@@ -67,8 +67,8 @@ impl App {
         let db = db::connect(&config.database_url).await?;
         db::migrate(&db).await?;
         let js = jetstream::new(client.clone());
-        let (_, mut store_stream) = nats::ensure_streams(&js, &subjects).await?;
-        nats::upgrade_store_stream(&js, &subjects, &mut store_stream).await?;
+        let (_, store_stream) = nats::ensure_streams(&js, &subjects).await?;
+        nats::upgrade_store_stream(&js, &subjects, &store_stream).await?;
         let consumer =
             nats::durable_consumer(&store_stream, subjects.store_consumer(), config.ack_wait)
                 .await?;
