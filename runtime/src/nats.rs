@@ -288,8 +288,10 @@ pub async fn durable_consumer(
 
 /// How long one pull request stays open at the server. A new one is made while the newest
 /// is still open (see [`Pulls`]), so one lost to a NATS restart is replaced within about
-/// this long, and a stopping service drains for at most this plus [`PULL_MARGIN`].
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// this long, and a stopping service drains for at most this plus [`PULL_MARGIN`]: short,
+/// because a stop waits for it. The price: two requests a second per consumer while idle,
+/// ~0.2 % of a core of nats-server's here (docs/benchmarks.md, the changes table).
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long after a pull's expiry its messages may still be on their way. A pull is given up
 /// this long after its expiry whether or not the server said it ended (NATS 2.9.10 often
 /// does not: docs/benchmarks.md ⁴).
@@ -408,9 +410,9 @@ impl Pulls {
     }
 
     /// When the next pull is due: once the newest is half spent, by time or by count, so
-    /// that one is always waiting at the server (at most three are open: one lives
-    /// `PULL_EXPIRES` + `PULL_MARGIN`, and one is made every `PULL_EXPIRES / 2` at most
-    /// often while none fills up). `None` when none is open: at once.
+    /// that one is always waiting at the server (at most four are open while none fills
+    /// up: one lives `PULL_EXPIRES` + `PULL_MARGIN`, and one is made every
+    /// `PULL_EXPIRES / 2`). `None` when none is open: at once.
     fn renew_at(&self) -> Option<Instant> {
         let newest = self.open.back()?;
         Some(if newest.received >= PULL_MAX / 2 {

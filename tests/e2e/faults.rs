@@ -464,7 +464,7 @@ async fn sigterm_to_a_replica_of_each_service_loses_nothing() {
     let urls = vec![env.ws_url(0), env.ws_url(1)];
     let (gateway, router, store) = (env.take_gateway(0), env.take_router(0), env.take_store(0));
     // Slower than the other runs, so every stop lands while all clients are still sending
-    // (a router or store takes up to 6 s to stop: it drains its last pull).
+    // (a router or store takes up to 2 s to stop: it drains its last pulls).
     let run = Traffic {
         pace: Duration::from_millis(500),
         ..traffic(&users)
@@ -653,8 +653,8 @@ async fn a_stopped_consumer_handles_what_it_pulled_and_takes_no_more() {
 /// lifetimes while the server's count of waiting pulls is read after every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_keeps_a_pull_waiting_across_its_pulls_ends() {
-    /// Longer than two pulls' lifetime (5 s plus the 1 s margin each).
-    const TRAFFIC: Duration = Duration::from_secs(13);
+    /// Three pulls' lifetimes (1 s plus the 1 s margin each): a dozen pulls end in it.
+    const TRAFFIC: Duration = Duration::from_secs(6);
     const EVERY: Duration = Duration::from_millis(50);
     chat_tests::in_fresh_namespace(|js, subjects| async move {
         let (inbound, _) = chat_runtime::nats::ensure_streams(&js, &subjects)

@@ -550,7 +550,7 @@ impl TestEnv {
         for (_, s) in &mut self.gateways {
             s.stop().await;
         }
-        // Each drains its last pull (up to 6 s): all at once.
+        // Each drains its last pulls (up to 2 s): all at once.
         futures::future::join_all(
             self.routers
                 .iter_mut()
