@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::stream::{SplitSink, SplitStream};
@@ -19,6 +20,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use url::Url;
 
 use crate::xmpp;
+
+/// How long an account call is retried while the server is not ready, and how often.
+const NOT_READY_WAIT: Duration = Duration::from_secs(10);
+const NOT_READY_RETRY: Duration = Duration::from_millis(100);
 
 /// What the server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -195,13 +200,27 @@ impl Api {
         }
     }
 
+    /// POSTs `body`, again while the server answers `503 not_ready` (its store not answering
+    /// yet, as just after the stack started; PROTOCOL.md: retry), for up to [`NOT_READY_WAIT`].
     async fn post(&self, path: &str, body: &serde_json::Value) -> Result<reqwest::Response> {
-        Ok(self
-            .http
-            .post(self.base.join(path)?)
-            .json(body)
-            .send()
-            .await?)
+        let url = self.base.join(path)?;
+        let give_up = tokio::time::Instant::now() + NOT_READY_WAIT;
+        loop {
+            let response = self.http.post(url.clone()).json(body).send().await?;
+            if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                || tokio::time::Instant::now() >= give_up
+            {
+                return Ok(response);
+            }
+            static TOLD: std::sync::Once = std::sync::Once::new();
+            TOLD.call_once(|| {
+                eprintln!(
+                    "chat-bench: {} is not ready (503); retrying for up to {NOT_READY_WAIT:?}",
+                    self.base
+                );
+            });
+            tokio::time::sleep(NOT_READY_RETRY).await;
+        }
     }
 
     /// Whether `token` is still accepted.

@@ -118,6 +118,59 @@ async fn every_scenario_delivers_everything_once_against_the_stack() {
     env.finish().await;
 }
 
+/// `bench/run` starts a scenario as soon as the gateway answers, when the store may not be
+/// answering yet: the gateway then says `503 not_ready`, which PROTOCOL.md says to retry. The
+/// tool retries (and says so) instead of failing the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_waits_for_a_store_that_is_not_answering_yet() {
+    let mut env = TestEnv::start(Options {
+        stores: 0,
+        ..bench_options()
+    })
+    .await;
+    let base = env.base_url(0);
+    let mut run = Command::new(bin_path("chat-bench"))
+        .args(["throughput", "--base", &base, "--pairs", "2"])
+        .args(["--rate", "20", "--duration", "1", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chat-bench runs");
+    let mut lines = BufReader::new(run.stderr.take().expect("piped")).lines();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("stderr reads") {
+            if line.contains("is not ready (503); retrying") {
+                return;
+            }
+        }
+        panic!("chat-bench ended without being turned away");
+    })
+    .await
+    .expect("chat-bench is turned away while no store runs");
+    // Read the rest, so that the tool never waits on a full pipe.
+    let stderr = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
+
+    env.start_store().await;
+    let output = run.wait_with_output().await.expect("chat-bench ends");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "chat-bench failed ({}): {stdout}\n{}",
+        output.status,
+        stderr.await.unwrap().join("\n")
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).expect("a report");
+    assert_complete(&report);
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bare_relay_carries_the_same_load() {
     let mut relay = Command::new(bin_path("chat-bench"))
