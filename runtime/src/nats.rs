@@ -86,7 +86,24 @@ fn options(name: &str) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(reconnect_delay)
 }
+
+/// How long a client waits before its next attempt to reach NATS again, after `attempts`
+/// failed ones in a row: at once, then every [`RECONNECT_WAIT`]. (async-nats doubles the wait
+/// up to 4 s, so a client could find NATS back only seconds after it was; every message
+/// crosses NATS, and the messages of those seconds waited for it: docs/benchmarks.md.)
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        Duration::ZERO
+    } else {
+        RECONNECT_WAIT
+    }
+}
+
+/// The wait between attempts to reach NATS again: a few connections a second per service
+/// process while NATS is away, and NATS found at most this long after it is back.
+const RECONNECT_WAIT: Duration = Duration::from_millis(250);
 
 /// Counts the times a client got its server back after losing it. Core NATS keeps nothing
 /// for a subscriber that is away, so what was published to a subscription while its client
