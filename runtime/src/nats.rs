@@ -307,7 +307,7 @@ pub async fn durable_consumer(
 /// is still open (see [`Pulls`]), so one lost to a NATS restart is replaced within about
 /// this long, and a stopping service drains for at most this plus [`PULL_MARGIN`]: short,
 /// because a stop waits for it. The price: two requests a second per consumer while idle,
-/// ~0.2 % of a core of nats-server's here (docs/benchmarks.md, the changes table).
+/// 0.1–0.2 % of a core of nats-server's here (docs/benchmarks.md, the changes table).
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long after a pull's expiry its messages may still be on their way. A pull is given up
 /// this long after its expiry whether or not the server said it ended (NATS 2.9.10 often
