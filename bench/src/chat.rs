@@ -203,6 +203,7 @@ impl Api {
     /// POSTs `body`, again while the server answers `503 not_ready` (its store not answering
     /// yet, as just after the stack started; PROTOCOL.md: retry), for up to [`NOT_READY_WAIT`].
     async fn post(&self, path: &str, body: &serde_json::Value) -> Result<reqwest::Response> {
+        static TOLD: std::sync::Once = std::sync::Once::new();
         let url = self.base.join(path)?;
         let give_up = tokio::time::Instant::now() + NOT_READY_WAIT;
         loop {
@@ -212,7 +213,6 @@ impl Api {
             {
                 return Ok(response);
             }
-            static TOLD: std::sync::Once = std::sync::Once::new();
             TOLD.call_once(|| {
                 eprintln!(
                     "chat-bench: {} is not ready (503); retrying for up to {NOT_READY_WAIT:?}",
