@@ -105,6 +105,26 @@ fn reconnect_delay(attempts: usize) -> Duration {
 /// process while NATS is away, and NATS found at most this long after it is back.
 const RECONNECT_WAIT: Duration = Duration::from_millis(250);
 
+/// How long a stopping service waits for NATS to take what it still has to send: normally a
+/// round trip. async-nats holds a flush until it is connected again, however long NATS is
+/// away, so without a bound a service told to stop during an outage would never exit.
+const EXIT_FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
+/// Sends what `client` still buffers, the last thing a service does before it exits. When
+/// NATS does not take it within [`EXIT_FLUSH_LIMIT`] the service exits anyway: what it had
+/// not acked is redelivered to another replica (or to itself when it is back), and handlers
+/// are idempotent; a lost presence announcement is restated by the next heartbeat or sweep.
+pub async fn flush_at_exit(client: &Client) {
+    match tokio::time::timeout(EXIT_FLUSH_LIMIT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush to NATS before exiting"),
+        Err(_) => tracing::warn!(
+            limit = ?EXIT_FLUSH_LIMIT,
+            "NATS is not answering; exiting without waiting for it (unacked work is redelivered)"
+        ),
+    }
+}
+
 /// Counts the times a client got its server back after losing it. Core NATS keeps nothing
 /// for a subscriber that is away, so what was published to a subscription while its client
 /// was disconnected is gone; whoever holds one catches up from durable state each time the

@@ -154,7 +154,12 @@ async fn report_lag(
             () = cancel.cancelled() => return,
             _ = every.tick() => {}
         }
-        if let Ok(info) = stream.consumer_info(consumer).await {
+        // Not waited for when stopping: with NATS away it would take its full timeout.
+        let info = tokio::select! {
+            () = cancel.cancelled() => return,
+            info = stream.consumer_info(consumer) => info,
+        };
+        if let Ok(info) = info {
             let lag = info.num_pending + info.num_ack_pending as u64;
             metrics::gauge!("chat_consumer_lag", "consumer" => consumer).set(lag as f64);
         }

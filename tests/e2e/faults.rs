@@ -506,6 +506,48 @@ async fn sigterm_to_a_replica_of_each_service_loses_nothing() {
     env.finish().await;
 }
 
+/// SIGTERM while NATS is away (everything stopped during an outage, or a redeploy racing a
+/// NATS restart): each service still exits by itself within seconds, instead of waiting for
+/// NATS to come back before its last flush, or for a request to NATS to time out. The
+/// services are stopped one after another, as an operator would, each after traffic that
+/// left it subscriptions and pulls in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_nats_is_away_stops_every_service() {
+    // A stop takes its pulls' end (2 s at most) and the last flush's bound (2 s): this is
+    // twice that.
+    const GRACE: Duration = Duration::from_secs(8);
+    let mut nats = chat_tests::servers::Server::nats().await;
+    let mut env = TestEnv::start(Options {
+        processes: true,
+        nats_url: Some(format!("nats://{}", nats.addr)),
+        ..Options::default()
+    })
+    .await;
+    let ((_, mut alice), (bob, mut on_bob)) = env.online_pair().await;
+    alice
+        .send_and_confirm(bob.id, "before", "before the outage")
+        .await;
+    on_bob.expect_body("before the outage").await;
+
+    nats.kill9().await;
+    let stopping = [
+        ("gateway", env.take_gateway(0)),
+        ("router", env.take_router(0)),
+        ("store", env.take_store(0)),
+    ];
+    for (name, mut service) in stopping {
+        let status = service.terminate(GRACE).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the {name} did not exit by itself within {GRACE:?} of SIGTERM while NATS was away: \
+             {status:?}"
+        );
+    }
+    // Back for the namespace's cleanup.
+    nats.restart().await;
+    env.finish().await;
+}
+
 /// Scenario 8: two of each service, and a replica of a randomly chosen service killed with
 /// `kill -9` (and restarted) every 500 messages while traffic flows for about a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

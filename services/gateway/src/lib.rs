@@ -222,7 +222,7 @@ impl App {
         {
             tracing::warn!("sockets still open after the grace period");
         }
-        let _ = state.nats.flush().await;
+        nats::flush_at_exit(&state.nats).await;
         Ok(result?)
     }
 }

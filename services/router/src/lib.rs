@@ -195,7 +195,7 @@ impl App {
         );
         tracing::info!("chat-router serving");
         let result = tasks.run_until(shutdown).await;
-        let _ = self.state.nats.flush().await;
+        nats::flush_at_exit(&self.state.nats).await;
         Ok(result?)
     }
 }

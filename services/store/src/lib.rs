@@ -132,7 +132,7 @@ impl App {
         );
         tracing::info!("chat-store serving");
         let result = tasks.run_until(shutdown).await;
-        let _ = self.state.nats.flush().await;
+        nats::flush_at_exit(&self.state.nats).await;
         let _ = self.state.db.close().await;
         Ok(result?)
     }
