@@ -79,3 +79,65 @@ async fn a_first_message_just_before_connecting_still_brings_presence() {
     assert_eq!(p["online"], true);
     env.finish().await;
 }
+
+/// Many users going offline together (a gateway stopping takes all its users offline at
+/// once): the store records each one's last seen, the very time their peers were told, and
+/// records it in one go rather than one commit each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_going_offline_together_each_get_their_own_last_seen() {
+    const LEAVING: usize = 30;
+    let env = TestEnv::start_default().await;
+    let watcher = env.user("watcher").await;
+    let mut watching = env.connect(&watcher).await;
+    watching.backlog().await;
+    let mut leaving = Vec::new();
+    for i in 0..LEAVING {
+        let user = env.user(&format!("leaver{i}")).await;
+        // A conversation makes the watcher one of the people told of the user's presence.
+        watching
+            .send_and_confirm(user.id, &format!("c{i}"), "hello")
+            .await;
+        let mut client = env.connect(&user).await;
+        client.backlog().await;
+        watching
+            .expect("online", |v| {
+                v["type"] == "presence" && v["user_id"] == user.id && v["online"] == true
+            })
+            .await;
+        leaving.push((user, client));
+    }
+    let ids: Vec<i64> = leaving.iter().map(|(u, _)| u.id).collect();
+    futures::future::join_all(leaving.into_iter().map(|(_, c)| c.close())).await;
+
+    let mut told = std::collections::HashMap::new();
+    while told.len() < LEAVING {
+        let p = watching
+            .expect("offline", |v| {
+                v["type"] == "presence" && v["online"] == false
+            })
+            .await;
+        told.insert(
+            p["user_id"].as_i64().unwrap(),
+            p["last_seen"].as_i64().unwrap(),
+        );
+    }
+    let recorded = chat_tests::eventually("every last_seen recorded", || async {
+        let (_, list) = env.get(&watcher, "/api/v1/conversations").await;
+        let recorded: std::collections::HashMap<i64, i64> = list["conversations"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c["peer"]["user_id"].as_i64()?,
+                    c["peer"]["last_seen"].as_i64()?,
+                ))
+            })
+            .collect();
+        (recorded.len() == LEAVING).then_some(recorded)
+    })
+    .await;
+    for id in ids {
+        assert_eq!(recorded.get(&id), told.get(&id), "user {id}");
+    }
+    env.finish().await;
+}

@@ -68,16 +68,23 @@ pub(crate) async fn handle_batch(state: &State, batch: Vec<jetstream::Message>) 
     for (msg, read) in work.reads {
         mark_read(state, msg, read).await;
     }
-    for (msg, seen) in work.seen {
-        match ops::timed(
-            DB,
-            "seen",
-            users::seen(&state.db, seen.user_id, seen.last_seen),
-        )
-        .await
-        {
-            Ok(()) => ack(&msg).await,
-            Err(e) => retry_later(&msg, &e).await,
+    if !work.seen.is_empty() {
+        let times: Vec<_> = work
+            .seen
+            .iter()
+            .map(|(_, s)| (s.user_id, s.last_seen))
+            .collect();
+        match ops::timed(DB, "seen", users::seen(&state.db, &times)).await {
+            Ok(()) => {
+                for (msg, _) in &work.seen {
+                    ack(msg).await;
+                }
+            }
+            Err(e) => {
+                for (msg, _) in &work.seen {
+                    retry_later(msg, &e).await;
+                }
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ pub(crate) fn parse_id(id: &str) -> Option<Uuid> {
     Uuid::try_parse(id).ok()
 }
 
-fn placeholders(n: usize, one: &str) -> String {
+pub(crate) fn placeholders(n: usize, one: &str) -> String {
     vec![one; n].join(",")
 }
 
@@ -40,7 +40,7 @@ const LIST_MAX: usize = 256;
 /// (measured with `chat-bench backlog`: 35 ms mean per persist before, see
 /// docs/benchmarks.md). Why filled rather than cut into power-of-two runs: one statement, one
 /// round trip, where runs took up to eight.
-fn filled_lists<T: Clone>(items: &[T]) -> impl Iterator<Item = Vec<T>> + '_ {
+pub(crate) fn filled_lists<T: Clone>(items: &[T]) -> impl Iterator<Item = Vec<T>> + '_ {
     items.chunks(LIST_MAX).map(|chunk| {
         let mut list = chunk.to_vec();
         let last = chunk[chunk.len() - 1].clone();

@@ -1,5 +1,7 @@
 //! Accounts: registration, password checks (argon2id), lookup and search, last seen.
 
+use std::collections::BTreeMap;
+
 use chat_proto::envelope::{Credentials, Search, UserInfo};
 use chat_proto::limits::{valid_password, valid_username};
 use chat_proto::{ErrorBody, ErrorCode, UserId};
@@ -10,6 +12,7 @@ use sea_orm::{
 
 use crate::entity::users;
 use crate::error::Error;
+use crate::messages::{filled_lists, placeholders};
 use crate::password;
 
 /// Creates an account. Usernames are unique case-insensitively (the column's collation).
@@ -115,13 +118,36 @@ pub(crate) async fn search(db: &DatabaseConnection, req: Search) -> Result<Vec<U
     Ok(rows.iter().map(users::Model::info).collect())
 }
 
-/// Records when a user was last online; never moves the time backwards.
-pub(crate) async fn seen(db: &impl ConnectionTrait, id: UserId, at: i64) -> Result<(), Error> {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::MySql,
-        "UPDATE users SET last_seen = GREATEST(COALESCE(last_seen, 0), ?) WHERE id = ?",
-        [at.into(), id.into()],
-    ))
-    .await?;
+/// Records when users were last online, one statement per 256 of them: a gateway that stops
+/// takes thousands offline at once, and one commit each kept the store (and every connect
+/// waiting for it to settle) busy for seconds. Never moves a time backwards; a user named
+/// twice keeps the later time.
+pub(crate) async fn seen(db: &impl ConnectionTrait, seen: &[(UserId, i64)]) -> Result<(), Error> {
+    let mut latest: BTreeMap<UserId, i64> = BTreeMap::new();
+    for &(id, at) in seen {
+        let time = latest.entry(id).or_insert(at);
+        *time = (*time).max(at);
+    }
+    let latest: Vec<(UserId, i64)> = latest.into_iter().collect();
+    if latest.is_empty() {
+        return Ok(());
+    }
+    for list in filled_lists(&latest) {
+        let sql = format!(
+            "UPDATE users SET last_seen = GREATEST(COALESCE(last_seen, 0), CASE id {} END) \
+             WHERE id IN ({})",
+            vec!["WHEN ? THEN ?"; list.len()].join(" "),
+            placeholders(list.len(), "?"),
+        );
+        let times = list.iter().flat_map(|&(id, at)| [id.into(), at.into()]);
+        let ids = list.iter().map(|&(id, _)| id.into());
+        let values: Vec<sea_orm::Value> = times.chain(ids).collect();
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            sql,
+            values,
+        ))
+        .await?;
+    }
     Ok(())
 }
