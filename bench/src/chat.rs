@@ -21,6 +21,10 @@ use url::Url;
 
 use crate::xmpp;
 
+/// Attempts at an XMPP session whose stream the server closed before it opened
+/// ([`xmpp::NotOpened`]), before the connection counts as failed.
+const XMPP_OPEN_TRIES: u32 = 3;
+
 /// How long an account call is retried while the server is not ready, and how often.
 const NOT_READY_WAIT: Duration = Duration::from_secs(10);
 const NOT_READY_RETRY: Duration = Duration::from_millis(100);
@@ -191,11 +195,22 @@ impl Api {
         match self.protocol {
             Protocol::Chat => Session::connect(&url, &account.token, source).await,
             Protocol::Xmpp => {
-                let ws = dial(&url, source, None, Some(xmpp::SUBPROTOCOL)).await?;
                 let resource = format!("bench-{}", run_tag());
-                let (writer, reader) =
-                    xmpp::start(ws, &account.username, &account.password, &resource).await?;
-                Ok(Session(Conn::Xmpp(writer, Box::new(reader))))
+                let mut tries = 1;
+                loop {
+                    let ws = dial(&url, source, None, Some(xmpp::SUBPROTOCOL)).await?;
+                    match xmpp::start(ws, &account.username, &account.password, &resource).await {
+                        Ok((writer, reader)) => {
+                            return Ok(Session(Conn::Xmpp(writer, Box::new(reader))));
+                        }
+                        // Said on stderr each time: a comparison should show it.
+                        Err(e) if e.is::<xmpp::NotOpened>() && tries < XMPP_OPEN_TRIES => {
+                            eprintln!("chat-bench: {}: {e}; connecting again", account.username);
+                            tries += 1;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
     }
