@@ -81,8 +81,9 @@ async fn a_first_message_just_before_connecting_still_brings_presence() {
 }
 
 /// Many users going offline together (a gateway stopping takes all its users offline at
-/// once): the store records each one's last seen, the very time their peers were told, and
-/// records it in one go rather than one commit each.
+/// once): the store records each one's last seen, the very time their peers were told. The
+/// store writes such a batch in one statement; this checks that it gives each user their
+/// own time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_going_offline_together_each_get_their_own_last_seen() {
     const LEAVING: usize = 30;
