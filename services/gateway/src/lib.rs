@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     /// Moves each time NATS is back after an outage: every socket then catches up from
     /// the backlog on what was published for its user meanwhile (and is gone).
     reconnected: tokio::sync::watch::Receiver<u64>,
+    /// The connect-time pipeline checks, shared by the connects of a moment.
+    settler: Arc<settle::Settler>,
 }
 
 /// A gateway with its listener bound, not yet serving.
@@ -143,6 +145,7 @@ impl App {
             cancel: CancellationToken::new(),
             connections: TaskTracker::new(),
             reconnected: reconnects.watch(),
+            settler: Arc::default(),
             config,
         }));
         Ok(App {

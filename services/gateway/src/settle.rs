@@ -12,7 +12,14 @@
 //! message, that message is no longer new, and "nothing behind" includes it.
 //! The wait is bounded: past it (a store down, a message being retried) the connection goes
 //! on, and whatever is still in flight arrives live after `backlog_done`, never lost.
+//!
+//! Connections that ask at about the same time share one check (a round): a connect storm
+//! would otherwise make at least four JetStream API requests per socket, which nats-server
+//! answers one after another. Rounds run one at a time, in a task of their own; a connection
+//! waits for the round that starts after it asked (it reads the streams then, so it sees
+//! everything the connection could), and connections gather for the next while one runs.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
@@ -23,15 +30,84 @@ use crate::AppState;
 /// The longest a connection waits for the pipeline before replaying anyway.
 const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 
+/// The rounds of one gateway.
+pub(crate) struct Settler {
+    rounds: Mutex<Rounds>,
+    /// How many rounds have ended.
+    ended: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Rounds {
+    /// How many rounds have started (read the streams).
+    started: u64,
+    /// The last round a connection waits for.
+    wanted: u64,
+    /// Whether a task runs rounds.
+    running: bool,
+}
+
+impl Default for Settler {
+    fn default() -> Self {
+        Settler {
+            rounds: Mutex::new(Rounds::default()),
+            ended: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
 impl AppState {
     pub(crate) async fn settle(&self) {
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        let (router, store) = (
-            self.subjects.router_consumer(),
-            self.subjects.store_consumer(),
-        );
-        if drained(&self.in_stream, router, deadline).await {
-            drained(&self.store_stream, store, deadline).await;
+        let settler = &self.settler;
+        // The round that starts next: it starts after this point, so after this connection
+        // asked.
+        let round = {
+            let mut rounds = settler.rounds.lock().unwrap_or_else(|e| e.into_inner());
+            let round = rounds.started + 1;
+            rounds.wanted = round;
+            if !rounds.running {
+                rounds.running = true;
+                let (settler, in_stream, store_stream) = (
+                    Arc::clone(settler),
+                    self.in_stream.clone(),
+                    self.store_stream.clone(),
+                );
+                let (router, store) = (
+                    self.subjects.router_consumer(),
+                    self.subjects.store_consumer(),
+                );
+                tokio::spawn(async move {
+                    settler.run(&in_stream, router, &store_stream, store).await;
+                });
+            }
+            round
+        };
+        let mut ended = settler.ended.subscribe();
+        let waited = tokio::time::timeout(SETTLE_LIMIT, ended.wait_for(|&n| n >= round)).await;
+        if waited.is_err() {
+            tracing::info!("pipeline busy; replaying the backlog without waiting");
+        }
+    }
+}
+
+impl Settler {
+    /// Runs rounds, one at a time, while connections wait for one not yet started.
+    async fn run(&self, in_stream: &Stream, router: &str, store_stream: &Stream, store: &str) {
+        loop {
+            let round = {
+                let mut rounds = self.rounds.lock().unwrap_or_else(|e| e.into_inner());
+                if rounds.started >= rounds.wanted {
+                    rounds.running = false;
+                    return;
+                }
+                rounds.started += 1;
+                rounds.started
+            };
+            let deadline = Instant::now() + SETTLE_LIMIT;
+            if drained(in_stream, router, deadline).await {
+                drained(store_stream, store, deadline).await;
+            }
+            self.ended.send_replace(round);
         }
     }
 }
@@ -57,7 +133,6 @@ async fn drained(stream: &Stream, consumer: &str, deadline: Instant) -> bool {
             },
         }
         if Instant::now() + pause > deadline {
-            tracing::info!(%consumer, "pipeline busy; replaying the backlog without waiting");
             return false;
         }
         tokio::time::sleep(pause).await;
