@@ -1,7 +1,9 @@
 //! The backlog: what waited while a user was offline, replayed in order before
 //! `backlog_done`, and nothing lost to the race between connecting and sending.
 
-use chat_tests::TestEnv;
+use std::time::Duration;
+
+use chat_tests::{Options, TestEnv};
 use serde_json::json;
 
 /// PROTOCOL guarantee 5: 50 messages to an offline user arrive, in send order, before
@@ -82,6 +84,44 @@ async fn messages_sent_while_connecting_are_never_lost() {
         })
         .await;
         cb.close().await;
+    }
+    env.finish().await;
+}
+
+/// Users connecting at the same moment share the gateway's pipeline check (`settle.rs`):
+/// each still finds in its backlog what was sent to it just before it connected. The store
+/// lets its batches gather for 500 ms here, so the messages are `sent` (in the in stream)
+/// long before they are stored: a connect that did not wait for the store would query the
+/// backlog without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_connecting_together_each_find_what_was_sent_just_before() {
+    const USERS: usize = 20;
+    let env = TestEnv::start(Options {
+        store_linger: Some(Duration::from_millis(500)),
+        ..Options::default()
+    })
+    .await;
+    let sender = env.user("sender").await;
+    let mut sending = env.connect(&sender).await;
+    sending.backlog().await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(env.user(&format!("together{i}")).await);
+    }
+    for (i, user) in users.iter().enumerate() {
+        let body = format!("for together{i}");
+        sending
+            .send_and_confirm(user.id, &format!("t{i}"), &body)
+            .await;
+    }
+    let clients = futures::future::join_all(users.iter().map(|u| env.connect(u))).await;
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let (backlog, _) = client.backlog().await;
+        let body = format!("for together{i}");
+        assert!(
+            backlog.iter().any(|m| m["body"] == body.as_str()),
+            "together{i}'s backlog lacks what was sent just before: {backlog:?}"
+        );
     }
     env.finish().await;
 }

@@ -63,6 +63,8 @@ pub struct Options {
     pub ack_wait: Duration,
     /// Frames queued per socket before a non-reading client is dropped.
     pub outbound_queue: usize,
+    /// How long the store lets a batch gather (`CHAT_STORE_LINGER`); its default when `None`.
+    pub store_linger: Option<Duration>,
     /// NATS and Redis to use instead of the machine's (a test's private servers).
     pub nats_url: Option<String>,
     pub redis_url: Option<String>,
@@ -87,6 +89,7 @@ impl Default for Options {
             login_rate_user: 10,
             ack_wait: Duration::from_secs(30),
             outbound_queue: 4096,
+            store_linger: None,
             nats_url: None,
             redis_url: None,
             mysql_server: None,
@@ -317,6 +320,12 @@ impl TestEnv {
             let mut env = self.common_env();
             env.push(("DATABASE_URL".into(), self.database_url()));
             env.push(("CHAT_OPS_ADDR".into(), ops.to_string()));
+            if let Some(linger) = self.options.store_linger {
+                env.push((
+                    "CHAT_STORE_LINGER".into(),
+                    format!("{}ms", linger.as_millis()),
+                ));
+            }
             self.store_ops.push(ops);
             Service::Process(Box::new(Proc::start("chat-store", env).await))
         } else {
@@ -326,8 +335,10 @@ impl TestEnv {
                 database_url: self.database_url(),
                 migrate_only: false,
                 ack_wait: self.options.ack_wait,
-                batch_linger: chat_runtime::parse_duration(chat_store::DEFAULT_BATCH_LINGER)
-                    .expect("the default is a duration"),
+                batch_linger: self.options.store_linger.unwrap_or_else(|| {
+                    chat_runtime::parse_duration(chat_store::DEFAULT_BATCH_LINGER)
+                        .expect("the default is a duration")
+                }),
             };
             let app = chat_store::App::build(config)
                 .await
