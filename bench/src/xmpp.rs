@@ -269,32 +269,14 @@ fn open() -> String {
 /// session happened yet, so connecting again is safe. ejabberd 23.01 does this now and then
 /// under load (it leaves the opening unanswered until its negotiation timeout, 30 s, closes
 /// the socket: once in 5,000 connections in a benchmark run, once in a test run of 40).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the server closed the stream before it opened")]
 pub struct NotOpened;
 
-impl std::fmt::Display for NotOpened {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the server closed the stream before it opened")
-    }
-}
-
-impl std::error::Error for NotOpened {}
-
 /// The server closed the WebSocket while the tool waited for `.0`.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the server closed the stream while the tool waited for {0}")]
 struct Closed(String);
-
-impl std::fmt::Display for Closed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the server closed the stream while the tool waited for {}",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for Closed {}
 
 /// Runs a session's start on an open WebSocket: stream, SASL PLAIN as `user`, resource
 /// bind, stream management, initial presence, and the ping whose answer ends the start
