@@ -57,24 +57,6 @@ pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
     connect_with(options(name), url).await
 }
 
-/// Like [`connect`], and tells when the client got its server back after losing it: see
-/// [`Reconnects`].
-pub async fn connect_watching(url: &str, name: &str) -> Result<(Client, Reconnects), Error> {
-    let (connected_tx, connected) = tokio::sync::mpsc::unbounded_channel();
-    let options = options(name).event_callback(move |event| {
-        let connected_tx = connected_tx.clone();
-        async move {
-            tracing::info!(%event, "NATS connection");
-            if matches!(event, async_nats::Event::Connected) {
-                let _ = connected_tx.send(());
-            }
-        }
-    });
-    let client = connect_with(options, url).await?;
-    let (count, _) = tokio::sync::watch::channel(0);
-    Ok((client, Reconnects { connected, count }))
-}
-
 async fn connect_with(options: async_nats::ConnectOptions, url: &str) -> Result<Client, Error> {
     options.connect(url).await.map_err(|source| Error::Connect {
         url: url.to_owned(),
@@ -87,6 +69,7 @@ fn options(name: &str) -> async_nats::ConnectOptions {
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(reconnect_delay)
+        .event_callback(|event| async move { tracing::info!(%event, "NATS connection") })
 }
 
 /// How long a client waits before its next attempt to reach NATS again, after `attempts`
@@ -103,7 +86,7 @@ fn reconnect_delay(attempts: usize) -> Duration {
 
 /// The wait between attempts to reach NATS again: a few connections a second per service
 /// process while NATS is away, and NATS found at most this long after it is back.
-const RECONNECT_WAIT: Duration = Duration::from_millis(250);
+pub const RECONNECT_WAIT: Duration = Duration::from_millis(250);
 
 /// How long a stopping service waits for NATS to take what it still has to send: normally a
 /// round trip. async-nats holds a flush until it is connected again, however long NATS is
@@ -122,43 +105,6 @@ pub async fn flush_at_exit(client: &Client) {
             limit = ?EXIT_FLUSH_LIMIT,
             "NATS is not answering; exiting without waiting for it (unacked work is redelivered)"
         ),
-    }
-}
-
-/// Counts the times a client got its server back after losing it. Core NATS keeps nothing
-/// for a subscriber that is away, so what was published to a subscription while its client
-/// was disconnected is gone; whoever holds one catches up from durable state each time the
-/// count moves ([`Reconnects::watch`]). A count is taken only once the client's
-/// subscriptions are in effect at the server again (a flush after the reconnect: async-nats
-/// sends them before anything asked after it), so whatever is published from then on
-/// reaches them, and a catch-up that starts then misses nothing in between.
-pub struct Reconnects {
-    connected: tokio::sync::mpsc::UnboundedReceiver<()>,
-    count: tokio::sync::watch::Sender<u64>,
-}
-
-impl Reconnects {
-    /// A receiver that changes with each reconnect from now on.
-    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.count.subscribe()
-    }
-
-    /// Counts reconnects until `cancel` fires. The first connection may count too (its
-    /// event can come after `connect` returned): a catch-up with nothing to catch up.
-    pub async fn run(mut self, client: Client, cancel: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                event = self.connected.recv() => if event.is_none() { return },
-            }
-            if let Err(e) = client.flush().await {
-                // Lost again already: the next reconnect counts.
-                tracing::warn!(error = %e, "cannot flush after reconnecting");
-                continue;
-            }
-            tracing::info!("NATS is back; subscribers catch up");
-            self.count.send_modify(|n| *n += 1);
-        }
     }
 }
 

@@ -292,3 +292,59 @@ async fn a_retry_after_the_dedup_window_is_neither_stored_nor_announced() {
     assert!(ids.contains(&first.as_str()) && !ids.contains(&retry.msg_id.as_str()));
     env.finish().await;
 }
+
+/// A gateway holds its users' subscriptions on a NATS connection of its own (`events.rs`),
+/// one per socket, and each must end with its socket: a subscription left behind would have
+/// NATS send that user's events to the gateway for as long as it runs. Asked of the NATS
+/// server itself: a request to a subject nobody subscribes to is answered "no responders"
+/// at once; one to a subject a socket holds waits for an answer that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_subscription_at_nats_lives_as_long_as_their_sockets() {
+    use async_nats::client::RequestErrorKind;
+    use std::time::Duration;
+
+    let env = TestEnv::start_default().await;
+    let a = env.user("alice").await;
+    let nats = async_nats::connect(chat_tests::NATS_URL).await.unwrap();
+    let subject = env.subjects.user(a.id);
+    // Some(true): NATS routed the request to a subscriber; Some(false): it had none.
+    let interest = || async {
+        let ask = nats.request(subject.clone(), "".into());
+        match tokio::time::timeout(Duration::from_millis(300), ask).await {
+            Err(_) => Some(true),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Some(false),
+            Ok(other) => panic!("nobody answers a user's subject, yet: {other:?}"),
+        }
+    };
+    let subscriptions = |n: usize| {
+        let url = format!("{}/metrics", env.base_url(0));
+        async move {
+            let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+            let line = format!("chat_gateway_event_subscriptions {n}");
+            text.lines().any(|l| l == line).then_some(())
+        }
+    };
+    assert_eq!(interest().await, Some(false), "nobody connected yet");
+
+    let mut first = env.connect(&a).await;
+    let mut second = env.connect(&a).await;
+    first.backlog().await;
+    second.backlog().await;
+    assert_eq!(interest().await, Some(true), "two sockets subscribed");
+
+    first.close().await;
+    chat_tests::eventually("one socket's subscription ended", || subscriptions(1)).await;
+    assert_eq!(
+        interest().await,
+        Some(true),
+        "the other socket still subscribed"
+    );
+
+    second.close().await;
+    chat_tests::eventually("no interest left at NATS", || async {
+        (interest().await == Some(false)).then_some(())
+    })
+    .await;
+    chat_tests::eventually("no subscription left in the gateway", || subscriptions(0)).await;
+    env.finish().await;
+}

@@ -21,7 +21,10 @@ async fn every_service_reports_health_readiness_and_metrics() {
     cb.expect_body("hello").await;
 
     let services = [
-        (env.base_url(0), json!({"nats": "ok", "jetstream": "ok"})),
+        (
+            env.base_url(0),
+            json!({"nats": "ok", "nats-events": "ok", "jetstream": "ok"}),
+        ),
         (env.router_ops_url(0), json!({"nats": "ok", "redis": "ok"})),
         (env.store_ops_url(0), json!({"nats": "ok", "mysql": "ok"})),
     ];
@@ -38,6 +41,7 @@ async fn every_service_reports_health_readiness_and_metrics() {
         let has = |line: &str| text.lines().any(|l| l.starts_with(line));
         let all = [
             "chat_gateway_connections 2",
+            "chat_gateway_event_subscriptions 2",
             "chat_online_users 2",
             "chat_online_sessions 2",
             "chat_gateway_messages_accepted_total 1",

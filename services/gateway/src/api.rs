@@ -172,6 +172,10 @@ pub(crate) fn readiness(state: &AppState) -> ops::Readiness {
                 .map(drop)
         })
         .await;
-        vec![ops::nats_check(&state.nats), stream]
+        let events = ops::Check {
+            backend: "nats-events",
+            ok: state.events.is_connected(),
+        };
+        vec![ops::nats_check(&state.nats), events, stream]
     })
 }

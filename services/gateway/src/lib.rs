@@ -10,6 +10,7 @@ mod auth;
 mod backend;
 mod config;
 mod error;
+mod events;
 mod ids;
 mod limits;
 mod meters;
@@ -52,6 +53,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] chat_runtime::nats::Error),
+    #[error(transparent)]
+    Events(#[from] events::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -74,6 +77,8 @@ impl Deref for AppState {
 
 pub(crate) struct Inner {
     nats: async_nats::Client,
+    /// Every connected user's events, on a NATS connection of their own (`events.rs`).
+    events: Arc<events::UserEvents>,
     js: jetstream::Context,
     /// The in stream, to read back the first message of a retried `client_id` and to see
     /// how far the router has got.
@@ -97,9 +102,6 @@ pub(crate) struct Inner {
     cancel: CancellationToken,
     /// One token per open socket, so shutdown can wait for them.
     connections: TaskTracker,
-    /// Moves each time NATS is back after an outage: every socket then catches up from
-    /// the backlog on what was published for its user meanwhile (and is gone).
-    reconnected: tokio::sync::watch::Receiver<u64>,
     /// The connect-time pipeline checks, shared by the connects of a moment.
     settler: Arc<settle::Settler>,
 }
@@ -108,7 +110,7 @@ pub(crate) struct Inner {
 pub struct App {
     state: AppState,
     listener: tokio::net::TcpListener,
-    reconnects: nats::Reconnects,
+    events: events::Link,
 }
 
 impl App {
@@ -119,8 +121,9 @@ impl App {
             );
         }
         let subjects = config.common.namespace.clone();
-        let (client, reconnects) =
-            nats::connect_watching(&config.common.nats_url, "chat-gateway").await?;
+        let client = nats::connect(&config.common.nats_url, "chat-gateway").await?;
+        let (events, link) =
+            events::UserEvents::connect(&config.common.nats_url, "chat-gateway events").await?;
         let js = jetstream::new(client.clone());
         let (in_stream, store_stream) = nats::ensure_streams(&js, &subjects).await?;
         let listener = listen(&config.http_addr)
@@ -132,6 +135,7 @@ impl App {
         let tokens = Tokens::new(&config.jwt_secret, config.token_ttl);
         let state = AppState(Arc::new(Inner {
             nats: client,
+            events,
             js,
             in_stream,
             store_stream,
@@ -144,14 +148,13 @@ impl App {
             sessions: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             connections: TaskTracker::new(),
-            reconnected: reconnects.watch(),
             settler: Arc::default(),
             config,
         }));
         Ok(App {
             state,
             listener,
-            reconnects,
+            events: link,
         })
     }
 
@@ -164,8 +167,8 @@ impl App {
 
     /// Serves until `shutdown` resolves; then stops accepting, closes every socket with 1001
     /// (removing its session), and returns once they are closed or the grace period is over.
-    /// The same, and an error, if the HTTP server, the heartbeat or the watch on NATS
-    /// reconnects ended first (see [`chat_runtime::tasks`]).
+    /// The same, and an error, if the HTTP server, the heartbeat or the users' event
+    /// connection ended first (see [`chat_runtime::tasks`]).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let state = self.state;
         let routes = Router::new()
@@ -194,11 +197,7 @@ impl App {
             "heartbeat",
             sessions::heartbeat(state.clone(), every, state.cancel.clone()),
         );
-        tasks.spawn(
-            "reconnects",
-            self.reconnects
-                .run(state.nats.clone(), state.cancel.clone()),
-        );
+        tasks.spawn("events", self.events.run(state.cancel.clone()));
         let service = routes.into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "chat-gateway serving");
         // Frames are small and latency matters: no waiting for Nagle's algorithm.

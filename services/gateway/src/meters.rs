@@ -52,3 +52,13 @@ pub(crate) fn replayed() {
 pub(crate) fn caught_up() {
     metrics::counter!("chat_gateway_catch_ups_total").increment(1);
 }
+
+/// Users' subscriptions the gateway's event connection holds (one per connected socket).
+pub(crate) fn event_subscriptions(count: usize) {
+    metrics::gauge!("chat_gateway_event_subscriptions").set(count as f64);
+}
+
+/// A socket whose events filled its queue: its subscription ended, and it reconnects.
+pub(crate) fn event_overflow() {
+    metrics::counter!("chat_gateway_event_overflows_total").increment(1);
+}

@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::auth::bearer;
 use crate::error::ApiError;
+use crate::events::Subscription;
 use crate::ids::RecentIds;
 use crate::meters;
 use crate::send::{self, Outgoing};
@@ -165,7 +166,7 @@ async fn run(
         let writer = tokio::spawn(socket::write_loop(sink, out_rx));
 
         // Taken before subscribing: a NATS outage from here on is caught up on (see `serve`).
-        let mut reconnected = state.reconnected.clone();
+        let mut reconnected = state.events.reconnects();
         reconnected.mark_unchanged();
         // Boxed: the connect steps' futures are large (the settle queries alone take ~2.6 KiB)
         // and, left inline, would size every connection's task for its whole life.
@@ -215,18 +216,16 @@ async fn open(
     user: UserId,
     session_id: &str,
     out: &flume::Sender<WsMessage>,
-) -> Option<async_nats::Subscriber> {
-    // (a) Subscribe and flush, so every event from here on reaches us ...
-    let sub = match state.nats.subscribe(state.subjects.user(user)).await {
+) -> Option<Subscription> {
+    // (a) Subscribe, in effect at the server once this returns, so every event from here on
+    // reaches us ...
+    let sub = match state.events.subscribe(state.subjects.user(user)).await {
         Ok(sub) => sub,
         Err(e) => {
-            tracing::error!(error = %e, "cannot subscribe to the user's events");
+            tracing::debug!(error = %e, "cannot subscribe to the user's events");
             return None;
         }
     };
-    if let Err(e) = state.nats.flush().await {
-        tracing::warn!(error = %e, "cannot flush the subscription");
-    }
     let hello = ServerFrame::Hello {
         user_id: user,
         session_id: session_id.to_owned(),
@@ -333,7 +332,7 @@ impl Connection {
     async fn serve(
         &mut self,
         mut stream: SplitStream<WebSocket>,
-        mut sub: async_nats::Subscriber,
+        sub: Subscription,
         backlog: BacklogFeed,
         mut reconnected: tokio::sync::watch::Receiver<u64>,
         token_left: Duration,
@@ -360,6 +359,8 @@ impl Connection {
                 },
                 event = sub.next() => match event {
                     Some(m) => self.on_event(m),
+                    // The event connection stops with the gateway.
+                    None if cancel.is_cancelled() => Err(End::Shutdown),
                     None => Err(End::Internal),
                 },
                 event = next_page(&mut backlog) => match event {
