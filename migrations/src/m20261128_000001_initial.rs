@@ -40,7 +40,8 @@ const UP: &[&str] = &[
         KEY ix_messages_pair (user_lo, user_hi, msg_id)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
     // One row per user and peer, pointing at the newest message between them: the
-    // conversation list is one indexed scan.
+    // conversation list is one indexed scan. (The index on the pointer was dropped again
+    // by m20261207_000001: moving it on every message cost more than it saved.)
     "CREATE TABLE conversations (
         user_id BIGINT NOT NULL,
         peer_id BIGINT NOT NULL,

@@ -119,5 +119,21 @@ async fn conversations_are_listed_newest_first() {
     assert_eq!(order[0]["peer"]["username"], "carol");
     assert_eq!(order[1]["peer"]["username"], "bob");
     assert_eq!(order[0]["last_message"]["body"], "to carol");
+
+    // A newer message moves its conversation to the top, for both of its users.
+    ca.send_and_confirm(b.id, "3", "to bob again").await;
+    let order = chat_tests::eventually("bob's conversation on top", || async {
+        let (_, list) = env.get(&a, "/api/v1/conversations").await;
+        let convs = list["conversations"].as_array()?.clone();
+        (convs[0]["last_message"]["body"] == "to bob again").then_some(convs)
+    })
+    .await;
+    assert_eq!(order[0]["peer"]["username"], "bob");
+    assert_eq!(order[1]["peer"]["username"], "carol");
+    let (_, bobs) = env.get(&b, "/api/v1/conversations").await;
+    assert_eq!(
+        bobs["conversations"][0]["last_message"]["body"],
+        "to bob again"
+    );
     env.finish().await;
 }
