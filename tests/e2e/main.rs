@@ -14,5 +14,6 @@ mod messaging;
 mod ops;
 mod presence;
 mod scale;
+mod tls;
 mod tracing;
 mod upgrade;

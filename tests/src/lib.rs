@@ -67,6 +67,9 @@ pub struct Options {
     pub store_linger: Option<Duration>,
     /// NATS and Redis to use instead of the machine's (a test's private servers).
     pub nats_url: Option<String>,
+    /// A CA certificate (PEM) that NATS's TLS certificate is signed with: the services run as
+    /// processes trust it through `SSL_CERT_FILE`, and the test's own connections too.
+    pub nats_ca: Option<std::path::PathBuf>,
     pub redis_url: Option<String>,
     /// MariaDB server (`mysql://user@host:port`) instead of the machine's.
     pub mysql_server: Option<String>,
@@ -91,6 +94,7 @@ impl Default for Options {
             outbound_queue: 4096,
             store_linger: None,
             nats_url: None,
+            nats_ca: None,
             redis_url: None,
             mysql_server: None,
             process_env: Vec::new(),
@@ -247,6 +251,7 @@ impl TestEnv {
     fn urls(&self) -> Backends {
         Backends {
             nats: self.nats_url().to_owned(),
+            nats_ca: self.options.nats_ca.clone(),
             redis: self.redis_url().to_owned(),
             mysql: self.mysql_server().to_owned(),
         }
@@ -299,6 +304,9 @@ impl TestEnv {
 
     fn common_env(&self) -> Vec<(String, String)> {
         let mut env = self.options.process_env.clone();
+        if let Some(ca) = &self.options.nats_ca {
+            env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
+        }
         env.extend([
             ("NATS_URL".into(), self.nats_url().into()),
             ("CHAT_NAMESPACE".into(), self.subjects.namespace().into()),
@@ -377,7 +385,7 @@ impl TestEnv {
     /// Waits until the router's and the store's consumers have nothing pending and nothing
     /// unacked: whatever was sent has been routed, written and announced (or terminated).
     pub async fn consumers_done(&self) {
-        let nats = async_nats::connect(self.nats_url())
+        let nats = connect_nats(self.nats_url(), self.options.nats_ca.as_deref())
             .await
             .expect("NATS answers");
         let js = async_nats::jetstream::new(nats);
@@ -626,14 +634,28 @@ fn free_port() -> SocketAddr {
 /// Where a test's backends are, for its cleanup.
 pub struct Backends {
     pub nats: String,
+    /// The CA NATS's TLS certificate is signed with, when the test made one.
+    pub nats_ca: Option<std::path::PathBuf>,
     pub redis: String,
     /// `mysql://user@host:port`, without a database.
     pub mysql: String,
 }
 
+/// A NATS client for the test itself, trusting `ca` besides the platform's roots.
+pub async fn connect_nats(
+    url: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca) = ca {
+        options = options.add_root_certificates(ca.to_path_buf());
+    }
+    options.connect(url).await
+}
+
 pub async fn cleanup(urls: &Backends, subjects: &Subjects, database: &str) -> Result<()> {
     let streams = async {
-        let nats = async_nats::connect(urls.nats.as_str()).await?;
+        let nats = connect_nats(&urls.nats, urls.nats_ca.as_deref()).await?;
         delete_streams(&async_nats::jetstream::new(nats), subjects).await;
         anyhow::Ok(())
     };

@@ -22,9 +22,26 @@ pub struct Server {
 impl Server {
     /// nats-server with JetStream on file storage in a directory of its own.
     pub async fn nats() -> Server {
+        Server::nats_with(Vec::new()).await
+    }
+
+    /// The same, requiring TLS of every client, with a certificate for 127.0.0.1 signed by
+    /// `certs`' CA (which is what clients must trust).
+    pub async fn nats_tls(certs: &Certificates) -> Server {
+        Server::nats_with(vec![
+            "--tls".into(),
+            "--tlscert".into(),
+            certs.cert.display().to_string(),
+            "--tlskey".into(),
+            certs.key.display().to_string(),
+        ])
+        .await
+    }
+
+    async fn nats_with(extra: Vec<String>) -> Server {
         let addr = crate::free_port();
         let dir = std::env::temp_dir().join(format!("chat-nats-{}", addr.port()));
-        let args = vec![
+        let mut args = vec![
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
@@ -33,6 +50,7 @@ impl Server {
             "-sd".into(),
             dir.display().to_string(),
         ];
+        args.extend(extra);
         Server::start("nats-server", args, addr, dir).await
     }
 
@@ -153,5 +171,89 @@ impl Drop for Server {
             let _ = c.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A throwaway certificate authority and a server certificate it signed for 127.0.0.1 (made
+/// with the `openssl` command), in a directory removed on drop.
+pub struct Certificates {
+    /// Held for its removal on drop.
+    _dir: tempfile::TempDir,
+    /// The CA's certificate (PEM): what clients trust.
+    pub ca: PathBuf,
+    /// The server's certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Certificates {
+    pub async fn for_localhost() -> Certificates {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let at = |name: &str| dir.path().join(name);
+        std::fs::write(
+            at("server.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+        )
+        .expect("the extensions file");
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let steps: [Vec<&str>; 3] = [
+            [
+                &["req", "-x509"][..],
+                &key[..],
+                &["-days", "2", "-subj", "/CN=chat test CA"],
+            ]
+            .concat()
+            .into_iter()
+            .chain(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .chain(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .chain(["-keyout", "ca.key", "-out", "ca.pem"])
+            .collect(),
+            [&["req"][..], &key[..], &["-subj", "/CN=127.0.0.1"]]
+                .concat()
+                .into_iter()
+                .chain(["-keyout", "server.key", "-out", "server.csr"])
+                .collect(),
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.pem",
+            ],
+        ];
+        for args in steps {
+            let status = Command::new("openssl")
+                .args(&args)
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await
+                .expect("the openssl command runs");
+            assert!(status.success(), "openssl {} failed", args.join(" "));
+        }
+        Certificates {
+            ca: at("ca.pem"),
+            cert: at("server.pem"),
+            key: at("server.key"),
+            _dir: dir,
+        }
     }
 }

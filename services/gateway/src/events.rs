@@ -18,9 +18,11 @@
 //! every subscription again and, once they are in effect, counts a reconnect
 //! ([`UserEvents::reconnects`]): core NATS keeps nothing for a subscriber that is away, so
 //! every socket then catches up from the backlog. A server that answers no `PING` for
-//! [`PING_EVERY`] × [`PINGS_UNANSWERED`] counts as lost. What it does not speak: TLS, and
-//! credentials other than a user and password or a token in the URL (the services' other
-//! connections, async-nats's, would take them).
+//! [`PING_EVERY`] × [`PINGS_UNANSWERED`] counts as lost. It speaks TLS as async-nats does with
+//! a `tls://` URL or a server that requires it (rustls with ring, the platform's trusted roots,
+//! `SSL_CERT_FILE` among them); it does not speak credentials other than a user and password
+//! or a token in the URL (nkeys, credentials files, client certificates), which the services'
+//! `NATS_URL` cannot carry either.
 
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
@@ -32,10 +34,12 @@ use async_nats::Message;
 use async_nats::header::{HeaderMap, HeaderName};
 use bytes::{Buf, BytesMut};
 use chat_runtime::nats::RECONNECT_WAIT;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::meters;
@@ -193,6 +197,8 @@ struct Server {
     host: String,
     port: u16,
     auth: Auth,
+    /// `tls://`: TLS whatever the server says (it is also spoken when the server requires it).
+    tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,8 +208,8 @@ enum Auth {
     Token(String),
 }
 
-/// The servers of a NATS URL as async-nats takes it: comma-separated, `nats://` optional,
-/// port 4222 by default, `user:password@` or `token@`.
+/// The servers of a NATS URL as async-nats takes it: comma-separated, `nats://` optional
+/// (`tls://` for TLS), port 4222 by default, `user:password@` or `token@`.
 fn servers(url: &str) -> Result<Vec<Server>, String> {
     url.split(',')
         .map(str::trim)
@@ -215,11 +221,15 @@ fn servers(url: &str) -> Result<Vec<Server>, String> {
                 format!("nats://{one}")
             };
             let parsed = url::Url::parse(&full).map_err(|e| format!("{one}: {e}"))?;
-            if parsed.scheme() != "nats" {
-                return Err(format!(
-                    "{one}: only nats:// (no TLS) is spoken on this connection"
-                ));
-            }
+            let tls = match parsed.scheme() {
+                "nats" => false,
+                "tls" => true,
+                other => {
+                    return Err(format!(
+                        "{one}: {other}:// is not spoken on this connection (nats:// and tls:// are)"
+                    ));
+                }
+            };
             let host = parsed
                 .host_str()
                 .ok_or_else(|| format!("{one}: no host"))?
@@ -238,6 +248,7 @@ fn servers(url: &str) -> Result<Vec<Server>, String> {
                 host,
                 port: parsed.port().unwrap_or(4222),
                 auth,
+                tls,
             })
         })
         .collect::<Result<Vec<_>, _>>()
@@ -250,8 +261,39 @@ fn servers(url: &str) -> Result<Vec<Server>, String> {
         })
 }
 
-/// An open connection whose greeting is done: its socket and what was read past the `PONG`.
-type Open = (TcpStream, BytesMut);
+/// A connection to NATS: TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An open connection whose greeting is done: its stream and what was read past the `PONG`.
+type Open = (Box<dyn Io>, BytesMut);
+
+/// The TLS client settings, made once: async-nats's defaults (ring, the platform's roots,
+/// which include `SSL_CERT_FILE`), so that this connection trusts what the others trust.
+fn tls_connector() -> Result<TlsConnector, String> {
+    static CONFIG: std::sync::OnceLock<Result<Arc<ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+            return Err(format!(
+                "no trusted root certificate found for TLS ({})",
+                errors.join("; ")
+            ));
+        }
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    });
+    config.clone().map(TlsConnector::from)
+}
 
 /// Connects and logs in: the server's `INFO`, our `CONNECT` and a `PING`, its `PONG`.
 async fn handshake(server: &Server, name: &str) -> Result<Open, String> {
@@ -267,9 +309,21 @@ async fn handshake(server: &Server, name: &str) -> Result<Open, String> {
             .strip_prefix("INFO ")
             .ok_or_else(|| format!("the server greeted with {info:?}"))?;
         let info: serde_json::Value = serde_json::from_str(info).map_err(|e| e.to_string())?;
-        if info["tls_required"] == serde_json::Value::Bool(true) {
-            return Err("the server requires TLS, which this connection does not speak".into());
-        }
+        let tls = server.tls || info["tls_required"] == serde_json::Value::Bool(true);
+        let mut io: Box<dyn Io> = if tls {
+            // The server says nothing more until the client's TLS handshake.
+            if !buf.is_empty() {
+                return Err("the server sent more than its INFO before TLS".into());
+            }
+            let name = ServerName::try_from(server.host.clone()).map_err(|e| e.to_string())?;
+            let stream = tls_connector()?
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            Box::new(stream)
+        } else {
+            Box::new(tcp)
+        };
         let mut connect = serde_json::json!({
             "verbose": false,
             "pedantic": false,
@@ -279,6 +333,7 @@ async fn handshake(server: &Server, name: &str) -> Result<Open, String> {
             "headers": true,
             "no_responders": false,
             "echo": false,
+            "tls_required": tls,
             "name": name,
         });
         match &server.auth {
@@ -289,17 +344,14 @@ async fn handshake(server: &Server, name: &str) -> Result<Open, String> {
             }
             Auth::Token(token) => connect["auth_token"] = token.as_str().into(),
         }
-        tcp.write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
+        io.write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         loop {
-            let line = read_line(&mut tcp, &mut buf).await?;
+            let line = read_line(&mut io, &mut buf).await?;
             match line.split_whitespace().next().unwrap_or("") {
-                "PONG" => return Ok((tcp, buf)),
-                "PING" => tcp
-                    .write_all(b"PONG\r\n")
-                    .await
-                    .map_err(|e| e.to_string())?,
+                "PONG" => return Ok((io, buf)),
+                "PING" => io.write_all(b"PONG\r\n").await.map_err(|e| e.to_string())?,
                 "-ERR" => return Err(format!("the server said {line}")),
                 _ => {}
             }
@@ -313,7 +365,10 @@ async fn handshake(server: &Server, name: &str) -> Result<Open, String> {
 }
 
 /// Reads one control line of the greeting (without its CRLF).
-async fn read_line(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<String, String> {
+async fn read_line(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<String, String> {
     loop {
         if let Some(end) = find_crlf(buf) {
             let line = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -324,7 +379,7 @@ async fn read_line(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<String, St
             return Err("a control line too long".into());
         }
         buf.reserve(READ_CHUNK);
-        if tcp.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+        if io.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
             return Err("the server closed the connection".into());
         }
     }
@@ -558,11 +613,11 @@ impl Link {
 
     async fn serve(
         &mut self,
-        (tcp, mut buf): Open,
+        (io, mut buf): Open,
         again: bool,
         cancel: &CancellationToken,
     ) -> Ended {
-        let (mut read, mut write) = tcp.into_split();
+        let (mut read, mut write) = tokio::io::split(io);
         let mut out = BytesMut::new();
         if again {
             for (sid, sub) in &self.subs {
@@ -703,7 +758,7 @@ fn write_unsub(out: &mut BytesMut, sid: u64) {
     out.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes());
 }
 
-async fn flush(write: &mut OwnedWriteHalf, out: &mut BytesMut) -> Result<(), String> {
+async fn flush(write: &mut (impl AsyncWrite + Unpin), out: &mut BytesMut) -> Result<(), String> {
     if out.is_empty() {
         return Ok(());
     }
@@ -802,31 +857,32 @@ mod tests {
 
     #[test]
     fn urls_are_read_as_async_nats_reads_them() {
-        let list = servers("nats://127.0.0.1:4222, nats://u:p@nats:4223,tok@other").unwrap();
+        let list =
+            servers("nats://127.0.0.1:4222, tls://u:p@nats:4223,tok@other,[::1]:4224").unwrap();
+        let server = |host: &str, port, auth, tls| Server {
+            host: host.into(),
+            port,
+            auth,
+            tls,
+        };
         assert_eq!(
             list,
             vec![
-                Server {
-                    host: "127.0.0.1".into(),
-                    port: 4222,
-                    auth: Auth::None
-                },
-                Server {
-                    host: "nats".into(),
-                    port: 4223,
-                    auth: Auth::User {
+                server("127.0.0.1", 4222, Auth::None, false),
+                server(
+                    "nats",
+                    4223,
+                    Auth::User {
                         user: "u".into(),
                         pass: "p".into()
-                    }
-                },
-                Server {
-                    host: "other".into(),
-                    port: 4222,
-                    auth: Auth::Token("tok".into())
-                },
+                    },
+                    true
+                ),
+                server("other", 4222, Auth::Token("tok".into()), false),
+                server("::1", 4224, Auth::None, false),
             ]
         );
-        assert!(servers("tls://127.0.0.1:4222").is_err());
+        assert!(servers("ws://127.0.0.1:4222").is_err());
         assert!(servers("").is_err());
     }
 }
