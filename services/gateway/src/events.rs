@@ -53,6 +53,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(10);
 /// ... and counts it as lost when this many went unanswered.
 const PINGS_UNANSWERED: u32 = 2;
+/// While NATS is away, why a reconnect failed is logged at `warn` every this many rounds
+/// (one round tries every server, every [`RECONNECT_WAIT`]: about every 10 s).
+const WARN_EVERY_ROUNDS: u32 = 40;
 /// The longest control line taken (`MSG` lines are a subject and three numbers).
 const MAX_LINE: usize = 4096;
 /// Room made in the read buffer before each read.
@@ -582,6 +585,7 @@ impl Link {
     /// commands meanwhile; `None` when the gateway stops first.
     async fn reconnect(&mut self, cancel: &CancellationToken) -> Option<Open> {
         let mut wait = Duration::ZERO;
+        let mut rounds: u32 = 0;
         loop {
             let pause = tokio::time::sleep(wait);
             tokio::pin!(pause);
@@ -596,6 +600,9 @@ impl Link {
                 }
             }
             wait = RECONNECT_WAIT;
+            // Why it fails (refused, a TLS or login error) once now and then, not every 250 ms.
+            let say = rounds.is_multiple_of(WARN_EVERY_ROUNDS);
+            rounds = rounds.wrapping_add(1);
             for server in self.servers.clone() {
                 tokio::select! {
                     () = cancel.cancelled() => return None,
@@ -604,7 +611,8 @@ impl Link {
                             tracing::info!(host = %server.host, port = server.port, "NATS is back (users' events)");
                             return Some(open);
                         }
-                        Err(reason) => tracing::debug!(%reason, "NATS not back yet"),
+                        Err(reason) if say => tracing::warn!(%reason, "NATS not back yet (users' events)"),
+                        Err(reason) => tracing::debug!(%reason, "NATS not back yet (users' events)"),
                     },
                 }
             }
