@@ -59,9 +59,34 @@ pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
 
 async fn connect_with(options: async_nats::ConnectOptions, url: &str) -> Result<Client, Error> {
     options.connect(url).await.map_err(|source| Error::Connect {
-        url: url.to_owned(),
+        url: redacted_url(url),
         source,
     })
+}
+
+/// `url` (one NATS server or several, comma-separated) with every password or token
+/// replaced by `***`, for messages and logs.
+pub fn redacted_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let one = one.trim();
+            let (scheme, rest) = match one.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), one),
+            };
+            match rest.rsplit_once('@') {
+                Some((credentials, host)) => {
+                    let shown = match credentials.split_once(':') {
+                        Some((user, _)) => format!("{user}:***"),
+                        None => "***".to_owned(),
+                    };
+                    format!("{scheme}{shown}@{host}")
+                }
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn options(name: &str) -> async_nats::ConnectOptions {
@@ -607,4 +632,18 @@ pub fn dedup_headers(msg_id: &str) -> HeaderMap {
     let mut h = telemetry::headers();
     h.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn passwords_and_tokens_never_show() {
+        assert_eq!(
+            redacted_url("nats://u:secret@a:4222, tls://tok3n@b,c:4223,nats://d"),
+            "nats://u:***@a:4222,tls://***@b,c:4223,nats://d"
+        );
+        assert_eq!(redacted_url("u:p@host"), "u:***@host");
+    }
 }

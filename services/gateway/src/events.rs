@@ -33,7 +33,7 @@ use std::time::Duration;
 use async_nats::Message;
 use async_nats::header::{HeaderMap, HeaderName};
 use bytes::{Buf, BytesMut};
-use chat_runtime::nats::RECONNECT_WAIT;
+use chat_runtime::nats::{RECONNECT_WAIT, redacted_url};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -117,7 +117,7 @@ impl UserEvents {
     /// connection, which [`Link::run`] serves until the gateway stops.
     pub(crate) async fn connect(url: &str, name: &str) -> Result<(Arc<UserEvents>, Link), Error> {
         let error = |reason: String| Error::Connect {
-            url: url.to_owned(),
+            url: redacted_url(url),
             reason,
         };
         let servers = servers(url).map_err(error)?;
@@ -223,19 +223,20 @@ fn servers(url: &str) -> Result<Vec<Server>, String> {
             } else {
                 format!("nats://{one}")
             };
-            let parsed = url::Url::parse(&full).map_err(|e| format!("{one}: {e}"))?;
+            let shown = redacted_url(one);
+            let parsed = url::Url::parse(&full).map_err(|e| format!("{shown}: {e}"))?;
             let tls = match parsed.scheme() {
                 "nats" => false,
                 "tls" => true,
                 other => {
                     return Err(format!(
-                        "{one}: {other}:// is not spoken on this connection (nats:// and tls:// are)"
+                        "{shown}: {other}:// is not spoken on this connection (nats:// and tls:// are)"
                     ));
                 }
             };
             let host = parsed
                 .host_str()
-                .ok_or_else(|| format!("{one}: no host"))?
+                .ok_or_else(|| format!("{shown}: no host"))?
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned();
@@ -890,7 +891,8 @@ mod tests {
                 server("::1", 4224, Auth::None, false),
             ]
         );
-        assert!(servers("ws://127.0.0.1:4222").is_err());
+        let refused = servers("ws://u:secret@127.0.0.1:4222").unwrap_err();
+        assert!(!refused.contains("secret"), "{refused}");
         assert!(servers("").is_err());
     }
 }

@@ -6,8 +6,8 @@
 //! client's first frame that needs it (most connections sit idle: they cost no task and no
 //! queue for it); and the connection loop here, which reads the client's frames, receives
 //! the user's events from NATS and replays the backlog. Connecting follows DESIGN.md's
-//! order (subscribe and flush, announce the session, then query the backlog), which is why
-//! no message falls between the backlog and live delivery.
+//! order (subscribe and wait until NATS has the subscription, announce the session, then
+//! query the backlog), which is why no message falls between the backlog and live delivery.
 
 use std::time::{Duration, Instant};
 
@@ -209,8 +209,8 @@ async fn run(
 }
 
 /// Connects the session in DESIGN.md's order up to the backlog: (a) subscribes to the user's
-/// events and flushes, says `hello`, waits for the pipeline to settle, then (b) announces the
-/// session. `None` when the subscription fails.
+/// events and waits until NATS has the subscription, says `hello`, waits for the pipeline to
+/// settle, then (b) announces the session. `None` when the subscription fails.
 async fn open(
     state: &AppState,
     user: UserId,
