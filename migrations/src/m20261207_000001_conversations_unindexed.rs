@@ -1,6 +1,6 @@
 //! The conversations' newest-message index goes: every message moved two of its entries
-//! (its two users' pointers), which cost MariaDB a sixth of its CPU under load, to speed up a list
-//! that reads one user's rows anyway (docs/benchmarks.md, the changes table).
+//! (its two users' pointers), which cost MariaDB a sixth of its CPU under load, to speed up
+//! a list that reads one user's rows anyway (docs/benchmarks.md, the changes table).
 
 use sea_orm_migration::prelude::*;
 
