@@ -125,7 +125,7 @@ async fn conversations_are_listed_newest_first() {
     let order = chat_tests::eventually("bob's conversation on top", || async {
         let (_, list) = env.get(&a, "/api/v1/conversations").await;
         let convs = list["conversations"].as_array()?.clone();
-        (convs[0]["last_message"]["body"] == "to bob again").then_some(convs)
+        (convs.first()?["last_message"]["body"] == "to bob again").then_some(convs)
     })
     .await;
     assert_eq!(order[0]["peer"]["username"], "bob");
