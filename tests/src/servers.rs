@@ -196,58 +196,28 @@ impl Certificates {
              extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
         )
         .expect("the extensions file");
-        let key = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let steps: [Vec<&str>; 3] = [
-            [
-                &["req", "-x509"][..],
-                &key[..],
-                &["-days", "2", "-subj", "/CN=chat test CA"],
-            ]
-            .concat()
-            .into_iter()
-            .chain(["-addext", "basicConstraints=critical,CA:TRUE"])
-            .chain(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-            .chain(["-keyout", "ca.key", "-out", "ca.pem"])
-            .collect(),
-            [&["req"][..], &key[..], &["-subj", "/CN=127.0.0.1"]]
-                .concat()
-                .into_iter()
-                .chain(["-keyout", "server.key", "-out", "server.csr"])
-                .collect(),
-            vec![
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-                "-out",
-                "server.pem",
-            ],
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let steps = [
+            format!(
+                "req -x509 {key} -days 2 -subj /CN=chat-test-CA \
+                 -addext basicConstraints=critical,CA:TRUE \
+                 -addext keyUsage=critical,keyCertSign,cRLSign -keyout ca.key -out ca.pem"
+            ),
+            format!("req {key} -subj /CN=127.0.0.1 -keyout server.key -out server.csr"),
+            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile server.ext -out server.pem"
+                .to_owned(),
         ];
         for args in steps {
             let status = Command::new("openssl")
-                .args(&args)
+                .args(args.split_whitespace())
                 .current_dir(dir.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
                 .await
                 .expect("the openssl command runs");
-            assert!(status.success(), "openssl {} failed", args.join(" "));
+            assert!(status.success(), "openssl {args} failed");
         }
         Certificates {
             ca: at("ca.pem"),

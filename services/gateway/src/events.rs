@@ -121,18 +121,7 @@ impl UserEvents {
             reason,
         };
         let servers = servers(url).map_err(error)?;
-        let mut reasons = Vec::new();
-        let mut first = None;
-        for server in &servers {
-            match handshake(server, name).await {
-                Ok(connection) => {
-                    first = Some(connection);
-                    break;
-                }
-                Err(reason) => reasons.push(reason),
-            }
-        }
-        let first = first.ok_or_else(|| error(reasons.join("; ")))?;
+        let (first, _) = reach(&servers, name).await.map_err(error)?;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (reconnects_tx, reconnects) = watch::channel(0);
         let (connected_tx, connected) = watch::channel(true);
@@ -366,6 +355,18 @@ async fn handshake(server: &Server, name: &str) -> Result<Open, String> {
         Ok(Err(reason)) => Err(format!("{at}: {reason}")),
         Err(_) => Err(format!("{at}: no greeting within {CONNECT_TIMEOUT:?}")),
     }
+}
+
+/// The first of `servers` that answers and takes our login, tried in turn; else why none did.
+async fn reach<'a>(servers: &'a [Server], name: &str) -> Result<(Open, &'a Server), String> {
+    let mut reasons = Vec::new();
+    for server in servers {
+        match handshake(server, name).await {
+            Ok(open) => return Ok((open, server)),
+            Err(reason) => reasons.push(reason),
+        }
+    }
+    Err(reasons.join("; "))
 }
 
 /// Reads one control line of the greeting (without its CRLF).
@@ -604,18 +605,16 @@ impl Link {
             // Why it fails (refused, a TLS or login error) once now and then, not every 250 ms.
             let say = rounds.is_multiple_of(WARN_EVERY_ROUNDS);
             rounds = rounds.wrapping_add(1);
-            for server in self.servers.clone() {
-                tokio::select! {
-                    () = cancel.cancelled() => return None,
-                    open = handshake(&server, &self.name) => match open {
-                        Ok(open) => {
-                            tracing::info!(host = %server.host, port = server.port, "NATS is back (users' events)");
-                            return Some(open);
-                        }
-                        Err(reason) if say => tracing::warn!(%reason, "NATS not back yet (users' events)"),
-                        Err(reason) => tracing::debug!(%reason, "NATS not back yet (users' events)"),
-                    },
-                }
+            tokio::select! {
+                () = cancel.cancelled() => return None,
+                reached = reach(&self.servers, &self.name) => match reached {
+                    Ok((open, server)) => {
+                        tracing::info!(host = %server.host, port = server.port, "NATS is back (users' events)");
+                        return Some(open);
+                    }
+                    Err(reason) if say => tracing::warn!(%reason, "NATS not back yet (users' events)"),
+                    Err(reason) => tracing::debug!(%reason, "NATS not back yet (users' events)"),
+                },
             }
         }
     }
