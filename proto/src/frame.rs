@@ -136,12 +136,6 @@ impl FrameError {
 }
 
 #[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-#[derive(Deserialize)]
 struct RawSend {
     client_id: String,
     to: UserId,
@@ -177,8 +171,14 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     let bad = |m: String| FrameError::new(ErrorCode::BadRequest, m, None);
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let Envelope { kind } = serde_json::from_value(value.clone())
-        .map_err(|_| bad("a frame is a JSON object with a string \"type\"".into()))?;
+    // Read in place: the frame's value is then taken apart by its type, not copied.
+    let Some(kind) = value
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Err(bad("a frame is a JSON object with a string \"type\"".into()));
+    };
     match kind.as_str() {
         "send" => parse_send(value),
         "ack" => {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_nats::Message;
 use async_nats::header::{HeaderMap, HeaderName};
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use chat_runtime::nats::{RECONNECT_WAIT, redacted_url};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -58,7 +58,8 @@ const PINGS_UNANSWERED: u32 = 2;
 const WARN_EVERY_ROUNDS: u32 = 40;
 /// The longest control line taken (`MSG` lines are a subject and three numbers).
 const MAX_LINE: usize = 4096;
-/// Room made in the read buffer before each read.
+/// Room made in the read buffer before each read (the buffer is reused: `next_op` copies
+/// each payload out of it).
 const READ_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -478,7 +479,12 @@ fn next_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
     } else {
         None
     };
-    let payload = buf.split_to(total - header_len).freeze();
+    // Copied out rather than split off: a split payload would share the read buffer's
+    // 64-KiB block, so every read would need a new block while events of the last one wait
+    // in sockets' queues, and a socket slow to take its events would keep whole blocks
+    // alive. The copy is a payload-sized allocation; the buffer stays one block, reused.
+    let payload = Bytes::copy_from_slice(&buf[..total - header_len]);
+    buf.advance(total - header_len);
     if &buf[..2] != b"\r\n" {
         return Err("a message not followed by CRLF".into());
     }
@@ -815,6 +821,33 @@ mod tests {
         assert!(matches!(ops[2], Op::Ping));
         assert!(matches!(ops[3], Op::Pong));
         assert!(matches!(ops[4], Op::Other));
+    }
+
+    #[test]
+    fn events_waiting_in_sockets_do_not_hold_the_read_buffer() {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.extend_from_slice(
+            b"HMSG s.1 9 18 20\r\nNATS/1.0\r\nA: b\r\n\r\nxy\r\nMSG s.2 4 2\r\nhi\r\n",
+        );
+        let mut held = Vec::new();
+        while let Some(op) = next_op(&mut buf).expect("valid protocol") {
+            held.push(op);
+        }
+        assert_eq!(held.len(), 2);
+        // Both events are still waiting to be written, and the next read goes into the same
+        // block: a payload sharing it would make the buffer allocate a new one.
+        assert!(
+            buf.try_reclaim(READ_CHUNK),
+            "the read buffer is free to reuse"
+        );
+        let payloads: Vec<&[u8]> = held
+            .iter()
+            .map(|op| match op {
+                Op::Msg { message, .. } => &message.payload[..],
+                other => panic!("a message: {other:?}"),
+            })
+            .collect();
+        assert_eq!(payloads, [&b"xy"[..], &b"hi"[..]]);
     }
 
     #[test]

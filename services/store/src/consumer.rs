@@ -38,31 +38,41 @@ struct Work {
 pub(crate) async fn handle_batch(state: &State, batch: Vec<jetstream::Message>) {
     let mut work = Work::default();
     for msg in batch {
-        let kind = state.subjects.store_work_of(&msg.subject);
-        let decoded = match kind {
-            Some(StoreWork::Msg) => decode::<Message>(&msg)
-                .and_then(|m| {
-                    Uuid::try_parse(&m.msg_id)
-                        .ok()
-                        .filter(|_| valid_msg_id(&m.msg_id))
-                        .map(|id| (id, m))
-                })
-                .map(|(id, m)| work.persist.push((msg.clone(), id, m))),
+        // Each message is decoded, then moved into its kind's list; what cannot be read is
+        // dead-lettered.
+        match state.subjects.store_work_of(&msg.subject) {
+            Some(StoreWork::Msg) => {
+                let valid = decode::<Message>(&msg).and_then(|m| {
+                    let id = Uuid::try_parse(&m.msg_id).ok()?;
+                    valid_msg_id(&m.msg_id).then_some((id, m))
+                });
+                if let Some((id, m)) = valid {
+                    work.persist.push((msg, id, m));
+                    continue;
+                }
+            }
             Some(StoreWork::Ack) => {
-                decode::<StoreAck>(&msg).map(|a| work.acks.push((msg.clone(), a)))
+                if let Some(a) = decode::<StoreAck>(&msg) {
+                    work.acks.push((msg, a));
+                    continue;
+                }
             }
             Some(StoreWork::Read) => {
-                decode::<StoreRead>(&msg).map(|r| work.reads.push((msg.clone(), r)))
+                if let Some(r) = decode::<StoreRead>(&msg) {
+                    work.reads.push((msg, r));
+                    continue;
+                }
             }
             Some(StoreWork::Seen) => {
-                decode::<StoreSeen>(&msg).map(|s| work.seen.push((msg.clone(), s)))
+                if let Some(s) = decode::<StoreSeen>(&msg) {
+                    work.seen.push((msg, s));
+                    continue;
+                }
             }
-            None => None,
-        };
-        if decoded.is_none() {
-            let dead = state.subjects.dead_letter();
-            nats::dead_letter(&state.nats, dead, &msg, "not a valid store work payload").await;
+            None => {}
         }
+        let dead = state.subjects.dead_letter();
+        nats::dead_letter(&state.nats, dead, &msg, "not a valid store work payload").await;
     }
     write(state, work.persist, work.acks).await;
     for (msg, read) in work.reads {
