@@ -99,7 +99,8 @@ struct HeaderInjector<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
+        // The propagator's string becomes the header value as it is, not a copy of it.
+        self.0.insert(key, value);
     }
 }
 
