@@ -80,20 +80,18 @@ impl Server {
         let dir = std::env::temp_dir().join(format!("chat-mariadb-{}", addr.port()));
         let data = dir.join("data");
         std::fs::create_dir_all(&dir).expect("a data directory");
-        let install = Command::new("mariadb-install-db")
-            .args([
-                "--no-defaults",
-                "--user=root",
-                "--skip-test-db",
-                "--auth-root-authentication-method=normal",
-            ])
-            .arg(format!("--datadir={}", data.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .expect("mariadb-install-db runs");
-        assert!(install.success(), "mariadb-install-db failed");
+        must_run(
+            Command::new("mariadb-install-db")
+                .args([
+                    "--no-defaults",
+                    "--user=root",
+                    "--skip-test-db",
+                    "--auth-root-authentication-method=normal",
+                ])
+                .arg(format!("--datadir={}", data.display())),
+            "mariadb-install-db",
+        )
+        .await;
         let args = vec![
             "--no-defaults".into(),
             "--user=root".into(),
@@ -209,15 +207,13 @@ impl Certificates {
                 .to_owned(),
         ];
         for args in steps {
-            let status = Command::new("openssl")
-                .args(args.split_whitespace())
-                .current_dir(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await
-                .expect("the openssl command runs");
-            assert!(status.success(), "openssl {args} failed");
+            must_run(
+                Command::new("openssl")
+                    .args(args.split_whitespace())
+                    .current_dir(dir.path()),
+                &format!("openssl {args}"),
+            )
+            .await;
         }
         Certificates {
             ca: at("ca.pem"),
@@ -226,4 +222,15 @@ impl Certificates {
             _dir: dir,
         }
     }
+}
+
+/// Runs a setup command with its output discarded; panics unless it succeeds.
+async fn must_run(command: &mut Command, what: &str) {
+    let status = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .unwrap_or_else(|e| panic!("{what} does not run: {e}"));
+    assert!(status.success(), "{what} failed");
 }

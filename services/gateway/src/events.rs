@@ -785,14 +785,30 @@ async fn flush(write: &mut (impl AsyncWrite + Unpin), out: &mut BytesMut) -> Res
 mod tests {
     use super::*;
 
-    fn ops(bytes: &[u8]) -> Vec<Op> {
-        let mut buf = BytesMut::from(bytes);
+    /// Every whole operation in `buf`, taken off it.
+    fn take_all(buf: &mut BytesMut) -> Vec<Op> {
         let mut ops = Vec::new();
-        while let Some(op) = next_op(&mut buf).expect("valid protocol") {
+        while let Some(op) = next_op(buf).expect("valid protocol") {
             ops.push(op);
         }
+        ops
+    }
+
+    fn ops(bytes: &[u8]) -> Vec<Op> {
+        let mut buf = BytesMut::from(bytes);
+        let ops = take_all(&mut buf);
         assert!(buf.is_empty(), "everything taken: {buf:?}");
         ops
+    }
+
+    /// The payloads of `ops`, which are all messages.
+    fn payloads(ops: &[Op]) -> Vec<&[u8]> {
+        ops.iter()
+            .map(|op| match op {
+                Op::Msg { message, .. } => &message.payload[..],
+                other => panic!("only messages: {other:?}"),
+            })
+            .collect()
     }
 
     #[test]
@@ -829,25 +845,14 @@ mod tests {
         buf.extend_from_slice(
             b"HMSG s.1 9 18 20\r\nNATS/1.0\r\nA: b\r\n\r\nxy\r\nMSG s.2 4 2\r\nhi\r\n",
         );
-        let mut held = Vec::new();
-        while let Some(op) = next_op(&mut buf).expect("valid protocol") {
-            held.push(op);
-        }
-        assert_eq!(held.len(), 2);
+        let held = take_all(&mut buf);
         // Both events are still waiting to be written, and the next read goes into the same
         // block: a payload sharing it would make the buffer allocate a new one.
         assert!(
             buf.try_reclaim(READ_CHUNK),
             "the read buffer is free to reuse"
         );
-        let payloads: Vec<&[u8]> = held
-            .iter()
-            .map(|op| match op {
-                Op::Msg { message, .. } => &message.payload[..],
-                other => panic!("a message: {other:?}"),
-            })
-            .collect();
-        assert_eq!(payloads, [&b"xy"[..], &b"hi"[..]]);
+        assert_eq!(payloads(&held), [&b"xy"[..], &b"hi"[..]]);
     }
 
     #[test]
@@ -856,23 +861,15 @@ mod tests {
             b"HMSG s.1 9 18 22\r\nNATS/1.0\r\nA: b\r\n\r\n\r\nxy\r\nMSG s.2 4 2\r\n\r\n\r\n";
         for cut in 0..wire.len() {
             let mut buf = BytesMut::from(&wire[..cut]);
-            let mut got = Vec::new();
-            while let Some(op) = next_op(&mut buf).expect("valid so far") {
-                got.push(op);
-            }
+            let mut got = take_all(&mut buf);
             buf.extend_from_slice(&wire[cut..]);
-            while let Some(op) = next_op(&mut buf).expect("valid") {
-                got.push(op);
-            }
-            let payloads: Vec<&[u8]> = got
-                .iter()
-                .map(|op| match op {
-                    Op::Msg { message, .. } => &message.payload[..],
-                    other => panic!("only messages: {other:?}"),
-                })
-                .collect();
+            got.extend(take_all(&mut buf));
             // Payloads may hold CRLF: only the sizes say where a message ends.
-            assert_eq!(payloads, vec![&b"\r\nxy"[..], &b"\r\n"[..]], "cut at {cut}");
+            assert_eq!(
+                payloads(&got),
+                [&b"\r\nxy"[..], &b"\r\n"[..]],
+                "cut at {cut}"
+            );
         }
     }
 
