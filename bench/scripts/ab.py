@@ -11,12 +11,16 @@ import os
 import statistics
 import sys
 
+from summarise import measured_step
+
 
 def figures(report):
-    """The figures of one report, by name."""
+    """The figures of one report, by name; the CPU per message of a max-rate search is its
+    max step's."""
     out = {}
-    n = report.get("delivered") or 0
-    procs = report.get("processes") or {}
+    step = measured_step(report)
+    n = step.get("delivered") or 0
+    procs = step.get("processes") or {}
     if n:
         per = {k: v["cpu_seconds"] * 1e4 / n for k, v in procs.items() if "cpu_seconds" in v}
         out["CPU s / 10k msgs, all but the load tool"] = sum(

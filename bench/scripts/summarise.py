@@ -49,12 +49,19 @@ def median(reports, path):
     return (statistics.median(values), len(values)) if values else (None, 0)
 
 
-def cpu_per_10k(report):
-    """CPU seconds of every process but the load tool per 10,000 messages delivered, in the
-    step of the max rate (a max-rate report's own counts are the sums over all steps)."""
+def measured_step(report):
+    """The part of a report whose `processes` and `delivered` belong together: the step of the
+    max rate in a max-rate search (whose own counts are the sums over all steps, while its
+    `processes` are the best step's), else the report itself."""
     best = [s for s in report.get("steps") or []
             if s.get("within_target") and s.get("offered_msgs_s") == report.get("max_rate_msgs_s")]
-    step = best[0] if best else report
+    return best[0] if best else report
+
+
+def cpu_per_10k(report):
+    """CPU seconds of every process but the load tool per 10,000 messages delivered, in the
+    step of the max rate for a max-rate search."""
+    step = measured_step(report)
     delivered = step.get("delivered") or 0
     if not delivered:
         return None

@@ -172,14 +172,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
     // Read in place: the frame's value is then taken apart by its type, not copied.
-    let Some(kind) = value
-        .get("type")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-    else {
+    let Some(kind) = value.get("type").and_then(serde_json::Value::as_str) else {
         return Err(bad("a frame is a JSON object with a string \"type\"".into()));
     };
-    match kind.as_str() {
+    match kind {
         "send" => parse_send(value),
         "ack" => {
             let RawAck { msg_ids } = fields(value, None)?;
